@@ -1,0 +1,3 @@
+from localproxy.cli import main
+
+raise SystemExit(main())
