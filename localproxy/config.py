@@ -192,7 +192,8 @@ def _read_text(path: Path) -> str:
     except PermissionError:
         raise fail("a file this user may not read") from None
     except UnicodeDecodeError as exc:
-        raise fail(f"bytes that are not UTF-8 at offset {exc.start}") from None
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise fail(f"bytes that are not UTF-8 on line {line} (byte offset {exc.start})") from None
     except OSError as exc:
         raise fail(f"an unreadable file ({exc.strerror})") from None
 
