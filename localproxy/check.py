@@ -142,7 +142,8 @@ def _cert_cell(tls: TLSInfo | None) -> str:
     colour = "red" if days < 0 else "yellow" if days < EXPIRY_WARNING_DAYS else "green"
     return (
         f"subject: {_escape(tls.subject)}\nissuer: {_escape(tls.issuer)}\n"
-        f"[{colour}]expires in {days} days[/] ({tls.not_after:%Y-%m-%d})"
+        f"[{colour}]expires in {days} days[/] ({tls.not_after:%Y-%m-%d})\n"
+        f"pin_sha256: {tls.spki_sha256}"
     )
 
 
