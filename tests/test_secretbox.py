@@ -7,7 +7,6 @@ import stat
 import keyring
 import pytest
 from keyring.backend import KeyringBackend
-from keyring.backends.fail import Keyring as FailKeyring
 
 from localproxy.secretbox import (
     KEY_FILE_NAME,
@@ -38,17 +37,8 @@ class MemoryKeyring(KeyringBackend):
         self.entries.pop((service, username), None)
 
 
-@pytest.fixture(autouse=True)
-def no_keyring():
-    """Tests never touch the developer's real keyring."""
-    previous = keyring.get_keyring()
-    keyring.set_keyring(FailKeyring())
-    yield
-    keyring.set_keyring(previous)
-
-
 @pytest.fixture
-def memory_keyring(no_keyring):
+def memory_keyring():
     previous = keyring.get_keyring()
     backend = MemoryKeyring()
     keyring.set_keyring(backend)
