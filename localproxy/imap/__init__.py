@@ -1,0 +1,1 @@
+"""IMAP side: sans-IO codec, decrypted FETCH view, session relay."""
