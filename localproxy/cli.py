@@ -53,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_config_commands(commands)
     _add_check_command(commands)
+    _add_keys_commands(commands)
     return parser
+
+
+def _add_keys_commands(commands: argparse._SubParsersAction) -> None:
+    from localproxy.keys.commands import add_keys_commands
+
+    add_keys_commands(commands)
 
 
 def _add_config_commands(commands: argparse._SubParsersAction) -> None:
@@ -143,10 +150,21 @@ def _password_for(login: str, host: str) -> str:
     return getpass.getpass(f"Password for {login} at {host}: ")
 
 
+def _operation_errors() -> tuple[type[Exception], ...]:
+    """Errors that end a command with one clear line and exit 1 (never a traceback)."""
+    from localproxy.crypto.errors import CryptoError
+    from localproxy.keys.commands import KeysError
+    from localproxy.keys.store import KeyStoreError
+    from localproxy.secretbox import SecretBoxError
+
+    return (CryptoError, KeysError, KeyStoreError, SecretBoxError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     err = Console(stderr=True, highlight=False)
+    operation_errors = _operation_errors()
     try:
         return handler(args)
     except ConfigError as exc:
@@ -158,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USAGE
+    except operation_errors as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +71,18 @@ def no_os_keyring() -> Iterator[None]:
     keyring.set_keyring(FailKeyring())
     yield
     keyring.set_keyring(previous)
+
+
+@pytest.fixture
+def gnupg_home(tmp_path: Path) -> Iterator[Path]:
+    """A private GNUPGHOME whose gpg-agent is stopped afterwards, so none lingers."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    yield home
+    if shutil.which("gpgconf"):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(home), "--kill", "all"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )

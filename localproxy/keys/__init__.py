@@ -1,0 +1,1 @@
+"""Key store and key discovery."""

@@ -1,0 +1,418 @@
+"""The key store: recipients' certificates and the accounts' own secret keys.
+
+SQLite in the data dir, WAL mode, one short transaction per change, so the
+daemon and the CLI can use it at the same time. Certificates are indexed by
+every e-mail address in their valid user IDs (domain lowercased, local part
+exact). Validity (expiry, revocation, usable subkeys) is judged at query
+time, so a key that expired since import is never used. Own secret keys are
+sealed with the store key (see secretbox.py) and never touch the disk in clear.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from localproxy.config import normalize_address
+from localproxy.crypto.errors import BadPassphrase, CryptoError
+from localproxy.crypto.openpgp import CertInfo, OpenPGPEngine, default_engine
+from localproxy.secretbox import (
+    SecretBox,
+    StoreKey,
+    load_store_key,
+    open_with_passphrase,
+    seal_with_passphrase,
+)
+
+DB_NAME = "keys.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS certs (
+    fingerprint TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL DEFAULT 'openpgp',
+    data        BLOB NOT NULL,              -- public certificate, binary
+    source      TEXT NOT NULL,              -- where it came from: import:FILE, generated, ...
+    added       TEXT NOT NULL,
+    updated     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cert_addresses (
+    fingerprint TEXT NOT NULL REFERENCES certs(fingerprint) ON DELETE CASCADE,
+    address     TEXT NOT NULL,
+    PRIMARY KEY (fingerprint, address)
+);
+CREATE INDEX IF NOT EXISTS cert_addresses_by_address ON cert_addresses(address);
+CREATE TABLE IF NOT EXISTS own_keys (
+    fingerprint TEXT PRIMARY KEY REFERENCES certs(fingerprint) ON DELETE CASCADE,
+    account     TEXT NOT NULL,
+    sealed      BLOB NOT NULL               -- SecretBox(store key): unlocked secret key
+);
+"""
+
+PassphrasePrompt = Callable[[CertInfo], str | None]
+
+
+class KeyStoreError(Exception):
+    """A key store operation that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class StoredCert:
+    info: CertInfo  # parsed now: expiry and revocation are current
+    source: str
+    added: datetime
+    updated: datetime
+    account: str | None  # set for the accounts' own keys
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def is_own(self) -> bool:
+        return self.account is not None
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    fingerprint: str | None
+    addresses: tuple[str, ...]
+    action: str  # "added", "updated", "unchanged" or "skipped"
+    reason: str = ""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _addresses(info: CertInfo) -> tuple[str, ...]:
+    return tuple(sorted({normalize_address(e) for e in info.emails}))
+
+
+class KeyStore:
+    """Certificates and own keys of one data dir."""
+
+    def __init__(
+        self, data_dir: Path, engine: OpenPGPEngine | None = None, store_key: StoreKey | None = None
+    ) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = data_dir / DB_NAME
+        self.data_dir = data_dir
+        self.engine = engine or default_engine()
+        self._store_key = store_key
+        self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        # executescript() runs its own transaction; every statement is idempotent.
+        self._db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+        self.path.chmod(0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front: a concurrent writer waits
+        # (busy_timeout) instead of failing half-way through a merge.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @property
+    def store_key(self) -> StoreKey:
+        if self._store_key is None:
+            # Sealed keys exist: a missing store key is a loss to report, never a
+            # reason to mint a new key that cannot open them.
+            has_sealed = self._db.execute("SELECT 1 FROM own_keys LIMIT 1").fetchone()
+            self._store_key = load_store_key(self.data_dir, create=has_sealed is None)
+        return self._store_key
+
+    def _box(self) -> SecretBox:
+        return SecretBox(self.store_key.key)
+
+    # ----------------------------------------------------------------------- queries
+
+    def certs(self) -> list[StoredCert]:
+        rows = self._db.execute(
+            "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
+            "LEFT JOIN own_keys o USING (fingerprint) ORDER BY o.account IS NULL, c.added"
+        )
+        return [self._stored(*row) for row in rows]
+
+    def cert(self, fingerprint: str) -> StoredCert | None:
+        row = self._db.execute(
+            "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
+            "LEFT JOIN own_keys o USING (fingerprint) WHERE c.fingerprint = ?",
+            (fingerprint.upper().replace(" ", ""),),
+        ).fetchone()
+        return self._stored(*row) if row else None
+
+    def find(self, address: str) -> list[StoredCert]:
+        """Every certificate with a valid user ID for this address, newest first."""
+        rows = self._db.execute(
+            "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
+            "JOIN cert_addresses a USING (fingerprint) "
+            "LEFT JOIN own_keys o USING (fingerprint) WHERE a.address = ?",
+            (normalize_address(address),),
+        )
+        found = [self._stored(*row) for row in rows]
+        return sorted(found, key=lambda c: c.info.created, reverse=True)
+
+    def encryption_cert(self, address: str) -> StoredCert | None:
+        """The newest certificate usable right now to encrypt to this address."""
+        wanted = normalize_address(address)
+        for stored in self.find(address):
+            info = stored.info
+            if info.can_encrypt and not info.revoked and wanted in _addresses(info):
+                return stored
+        return None
+
+    def own_keys(self, account: str | None = None) -> list[tuple[StoredCert, bytes]]:
+        """The accounts' secret keys, unsealed for in-memory use."""
+        query = (
+            "SELECT c.data, c.source, c.added, c.updated, o.account, o.sealed, "
+            "o.fingerprint FROM own_keys o JOIN certs c USING (fingerprint)"
+        )
+        args: tuple[str, ...] = ()
+        if account is not None:
+            query += " WHERE o.account = ?"
+            args = (account,)
+        box = self._box()
+        result = []
+        for data, source, added, updated, acct, sealed, fpr in self._db.execute(query, args):
+            secret = box.open(sealed, f"own-key:{fpr}".encode())
+            result.append((self._stored(data, source, added, updated, acct), secret))
+        return result
+
+    def _stored(
+        self, data: bytes, source: str, added: str, updated: str, account: str | None
+    ) -> StoredCert:
+        (info,) = self.engine.parse_certs(data)
+        return StoredCert(
+            info, source, datetime.fromisoformat(added), datetime.fromisoformat(updated), account
+        )
+
+    # ----------------------------------------------------------------------- changes
+
+    def import_keys(
+        self,
+        data: bytes,
+        source: str,
+        passphrase: PassphrasePrompt | None = None,
+        account_for: Callable[[CertInfo], str | None] | None = None,
+    ) -> list[ImportOutcome]:
+        """Import every certificate (and secret key) in data; each one added, merged or
+        skipped with a reason. Raises CryptoError when data holds no OpenPGP at all."""
+        outcomes = []
+        for info in self.engine.parse_certs(data):
+            try:
+                outcomes.append(self._import_one(info, source, passphrase, account_for))
+            except CryptoError as exc:
+                outcomes.append(
+                    ImportOutcome(info.fingerprint, _addresses(info), "skipped", str(exc))
+                )
+        return outcomes
+
+    def _import_one(
+        self,
+        info: CertInfo,
+        source: str,
+        passphrase: PassphrasePrompt | None,
+        account_for: Callable[[CertInfo], str | None] | None,
+    ) -> ImportOutcome:
+        addresses = _addresses(info)
+        existing = self.cert(info.fingerprint)
+        secret, account = None, None
+        if info.has_secret:
+            account = account_for(info) if account_for else None
+            if account is None:
+                return ImportOutcome(
+                    info.fingerprint,
+                    addresses,
+                    "skipped",
+                    "secret key matches no configured account (use --account NAME)",
+                )
+            secret = self._unlocked(info, passphrase)
+        if existing is None:
+            if problem := _unusable_reason(info):
+                return ImportOutcome(info.fingerprint, addresses, "skipped", problem)
+            self._write(info, self.engine.public_only(info.data), source, secret, account)
+            return ImportOutcome(info.fingerprint, addresses, "added")
+        return self._merge(existing, info, source, secret, account)
+
+    def _unlocked(self, info: CertInfo, passphrase: PassphrasePrompt | None) -> bytes:
+        if not info.secret_locked:
+            return info.data
+        given = passphrase(info) if passphrase else None
+        if given is None:
+            raise BadPassphrase(
+                f"secret key {info.fingerprint} is passphrase-protected and no passphrase was given"
+            )
+        return self.engine.unlock(info.data, given)
+
+    def _merge(
+        self,
+        existing: StoredCert,
+        info: CertInfo,
+        source: str,
+        secret: bytes | None,
+        account: str | None,
+    ) -> ImportOutcome:
+        old_public = existing.info.data
+        merged = self.engine.merge(old_public, self.engine.public_only(info.data))
+        new_public = self.engine.public_only(merged.data)
+        gains_secret = secret is not None and not existing.is_own
+        if new_public == old_public and not gains_secret:
+            return ImportOutcome(
+                info.fingerprint, _addresses(merged), "unchanged", "already known, nothing new"
+            )
+        self._write(
+            merged,
+            new_public,
+            existing.source if not gains_secret else source,
+            secret,
+            account or existing.account,
+            added=existing.added,
+        )
+        what = _describe_change(existing.info, merged, gains_secret)
+        return ImportOutcome(info.fingerprint, _addresses(merged), "updated", what)
+
+    def _write(
+        self,
+        info: CertInfo,
+        public: bytes,
+        source: str,
+        secret: bytes | None,
+        account: str | None,
+        added: datetime | None = None,
+    ) -> None:
+        now = _now()
+        sealed = (
+            self._box().seal(secret, f"own-key:{info.fingerprint}".encode())
+            if secret is not None
+            else None
+        )
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO certs (fingerprint, data, source, added, updated) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(fingerprint) DO UPDATE SET "
+                "data = excluded.data, source = excluded.source, updated = excluded.updated",
+                (info.fingerprint, public, source, added.isoformat() if added else now, now),
+            )
+            db.execute("DELETE FROM cert_addresses WHERE fingerprint = ?", (info.fingerprint,))
+            db.executemany(
+                "INSERT INTO cert_addresses VALUES (?, ?)",
+                [(info.fingerprint, a) for a in _addresses(info)],
+            )
+            if sealed is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO own_keys VALUES (?, ?, ?)",
+                    (info.fingerprint, account, sealed),
+                )
+
+    def generate(self, account: str, addresses: tuple[str, ...]) -> CertInfo:
+        """A fresh own key for an account, one user ID per address."""
+        info = self.engine.generate_key(list(addresses))
+        self._write(info, self.engine.public_only(info.data), "generated", info.data, account)
+        return info
+
+    def remove(self, fingerprint: str) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM certs WHERE fingerprint = ?", (fingerprint.upper().replace(" ", ""),)
+            )
+        return cursor.rowcount > 0
+
+    # ----------------------------------------------------------------------- export, backup
+
+    def export_public(self, fingerprints: list[str]) -> bytes:
+        blobs = []
+        for fpr in fingerprints:
+            stored = self.cert(fpr)
+            if stored is None:
+                raise KeyStoreError(f"no certificate with fingerprint {fpr}")
+            blobs.append(stored.info.data)
+        return self.engine.armor(b"".join(blobs), kind="public-key")
+
+    def export_secret(self, fingerprint: str) -> bytes:
+        for stored, secret in self.own_keys():
+            if stored.fingerprint == fingerprint.upper():
+                return self.engine.armor(secret, kind="secret-key")
+        raise KeyStoreError(f"no own secret key with fingerprint {fingerprint}")
+
+    def backup(self, passphrase: str) -> bytes:
+        """The whole store (certificates and unsealed own keys) under a passphrase."""
+        own = {stored.fingerprint: (stored.account, secret) for stored, secret in self.own_keys()}
+        records = []
+        for stored in self.certs():
+            record = {
+                "fingerprint": stored.fingerprint,
+                "source": stored.source,
+                "added": stored.added.isoformat(),
+                "data": stored.info.data.hex(),
+            }
+            if stored.fingerprint in own:
+                record["account"], secret = own[stored.fingerprint]
+                record["secret"] = secret.hex()
+            records.append(record)
+        payload = json.dumps({"format": "localproxy-keys", "version": 1, "records": records})
+        return seal_with_passphrase(payload.encode(), passphrase)
+
+    def restore(self, archive: bytes, passphrase: str) -> list[ImportOutcome]:
+        """Merge a backup into this store (re-sealing own keys with this store's key)."""
+        payload = json.loads(open_with_passphrase(archive, passphrase))
+        if payload.get("format") != "localproxy-keys":
+            raise KeyStoreError("not a localproxy key backup")
+        outcomes = []
+        for record in payload["records"]:
+            data = bytes.fromhex(record.get("secret") or record["data"])
+            account = record.get("account")
+            outcomes += self.import_keys(
+                data, record["source"], account_for=lambda _info, a=account: a
+            )
+        return outcomes
+
+
+def _unusable_reason(info: CertInfo) -> str | None:
+    if info.has_secret:
+        return None  # own keys are kept whatever their state; `keys list` shows it
+    if not info.emails:
+        return "no user ID with an e-mail address: mail could never be encrypted to it"
+    if info.revoked:
+        return "the certificate is revoked"
+    if info.expires is not None and info.expires <= datetime.now(UTC):
+        return f"the certificate expired on {info.expires:%Y-%m-%d}"
+    if not info.can_encrypt:
+        return "no valid encryption-capable subkey"
+    return None
+
+
+def _describe_change(old: CertInfo, new: CertInfo, gained_secret: bool) -> str:
+    changes = []
+    if gained_secret:
+        changes.append("secret key added")
+    if new.revoked and not old.revoked:
+        changes.append("now revoked")
+    if new.expires != old.expires:
+        changes.append(f"expiry now {new.expires:%Y-%m-%d}" if new.expires else "no expiry")
+    if set(new.user_ids) != set(old.user_ids):
+        changes.append("user IDs changed")
+    if new.can_encrypt != old.can_encrypt:
+        changes.append("encryption subkey " + ("added" if new.can_encrypt else "no longer usable"))
+    return ", ".join(changes) or "new signatures or subkeys merged"
