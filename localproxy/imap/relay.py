@@ -1,0 +1,1485 @@
+"""The IMAP relay: one local listener per account, one upstream session per client session.
+
+Traffic passes through byte-exact except where the relay must step in:
+
+* capabilities (greeting, CAPABILITY, tagged OK after login, ENABLED) are filtered with one
+  policy, and commands for extensions the relay cannot carry are refused locally;
+* client literals are collected whole (the relay answers "+" itself) and re-announced to the
+  provider as LITERAL+ when it offers that, else synchronizing (its "+" is not forwarded);
+* IDLE and AUTHENTICATE follow the provider's "+": the client is only treated as idling
+  or answering a challenge once the provider said so;
+* FETCH: every command asking for a content-derived item is sent upstream with UID and two
+  probe items added (top-level content headers, first octets of the text); one such command
+  is in flight at a time, so its responses are attributable and stay in order. Messages
+  whose probes show encryption, a signature or one of our status headers are served from a
+  view: the stored message (taken from the response when it carries BODY[]/RFC822 whole,
+  else fetched by UID through a separate upstream session, never by injecting commands
+  into the client's session) goes through `transformer`, the result is cached, and every
+  content item is computed from `MessageView`. Everything else is forwarded as the provider
+  sent it minus the relay's additions, each remaining item spliced byte for byte.
+
+If a view cannot be built, the message's FETCH response is withheld and the command ends
+with `NO [UNAVAILABLE]`: a client caches what it is served under its UID for good, so
+serving ciphertext (or a message with a forged status header) because of a passing
+failure would be permanent. The client retries later instead.
+
+Not rewritten (the provider only knows the stored, encrypted text): SEARCH, SORT and THREAD
+on content; COPY/MOVE need no rewriting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import itertools
+import logging
+import quopri
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from localproxy.config import Account, UpstreamServer
+from localproxy.imap.cache import ViewCache, ViewKey
+from localproxy.imap.codec import (
+    Atom,
+    CapabilityPolicy,
+    ClientParser,
+    Command,
+    Continuation,
+    ContinuationLine,
+    ContinuationNeeded,
+    Fatal,
+    FetchItem,
+    IdleDone,
+    ImapSyntaxError,
+    Literal,
+    LiteralForm,
+    Nil,
+    Number,
+    PList,
+    Quoted,
+    Rejected,
+    ResponseCode,
+    Section,
+    ServerEvent,
+    ServerParser,
+    Tagged,
+    Token,
+    Unparsed,
+    Untagged,
+    astring_value,
+    build_command,
+    capabilities_of,
+    capability_allowed,
+    parse_fetch_item,
+    parse_fetch_request,
+    parse_fetch_response,
+    rewrite_capabilities,
+    serialize,
+    status_response,
+    tokenize,
+)
+from localproxy.imap.view import BinaryError, MessageView
+from localproxy.mime import content_type_of, parse_headers, split_header_body
+from localproxy.tls import UpstreamError
+from localproxy.upstream import ImapUpstream, connect_imap
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MAX_LITERAL = 64 * MiB
+READ_SIZE = 64 * 1024
+CRLF = b"\r\n"
+
+# The view computes BINARY[...] and BINARY.SIZE (RFC 3516), so BINARY may be offered;
+# it still only reaches the client when the provider offers it too (plain messages are
+# served by the provider). IMAP4rev2 and UTF8=ACCEPT stay off until tested end to end.
+CAPABILITY_POLICY = CapabilityPolicy(binary=True)
+
+STATUS_HEADER_PREFIX = "x-localproxy-"
+# HEADER.FIELDS cannot match a prefix: these are the status header names the relay can
+# spot on the fast path. A transformer must only ever add headers from this list.
+STATUS_HEADER_NAMES = ("X-LOCALPROXY-SECURITY", "X-LOCALPROXY-STATUS")
+TEXT_PROBE_LENGTH = 128
+HEADER_PROBE = FetchItem(
+    "BODY",
+    Section(
+        (), "HEADER.FIELDS", ("CONTENT-TYPE", "CONTENT-TRANSFER-ENCODING", *STATUS_HEADER_NAMES)
+    ),
+    peek=True,
+)
+TEXT_PROBE = FetchItem("BODY", Section((), "TEXT"), (0, TEXT_PROBE_LENGTH), peek=True)
+UID_ITEM = FetchItem("UID")
+# Top-level types whose view differs from the stored message (decrypted or verified).
+VIEW_TYPES = frozenset(
+    {
+        "multipart/encrypted",
+        "multipart/signed",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+        "application/pgp",  # pre-RFC 3156 PGP messages
+    }
+)
+ARMOR_LINES = (b"-----BEGIN PGP MESSAGE-----", b"-----BEGIN PGP SIGNED MESSAGE-----")
+# SASL mechanisms whose client responses do not depend on a server challenge, so the
+# side session can replay them.
+REPLAYABLE_MECHANISMS = frozenset({b"PLAIN", b"LOGIN", b"XOAUTH2", b"OAUTHBEARER"})
+# Commands of extensions the relay never offers; forwarding them would change the
+# session under the relay (compression, TLS, re-authentication) or hand out stored
+# content the relay cannot rewrite.
+BLOCKED_COMMANDS = {
+    b"STARTTLS": "STARTTLS is not offered on this local port",
+    b"COMPRESS": "compression is not available through localproxy",
+    b"UNAUTHENTICATE": "UNAUTHENTICATE is not available through localproxy",
+    b"REPLACE": "REPLACE is not available through localproxy",
+    b"UID REPLACE": "REPLACE is not available through localproxy",
+    b"URLFETCH": "URLAUTH is not available through localproxy",
+    b"GENURLAUTH": "URLAUTH is not available through localproxy",
+    b"RESETKEY": "URLAUTH is not available through localproxy",
+    b"NOTIFY": "NOTIFY is not available through localproxy",
+}
+SPECIAL_USE_APPEND = frozenset({b"\\SENT", b"\\DRAFTS"})
+
+
+# --------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """Where the message being transformed lives."""
+
+    account: str  # Account.name
+    mailbox: str  # as the client named it (modified UTF-7), decoded leniently
+    uidvalidity: int
+    uid: int
+
+
+Transformer: TypeAlias = Callable[[bytes, MessageContext], Awaitable[bytes]]
+AppendTransformer: TypeAlias = Callable[[str, bytes], Awaitable[bytes]]
+
+
+def strip_status_headers(raw: bytes) -> bytes:
+    """The message without any X-LocalProxy-* header field (a sender could forge them).
+    Same rule as localproxy.crypto.pgpmime.strip_headers, kept here so the relay does not
+    load the OpenPGP engine."""
+    header, separator, body = split_header_body(raw)
+    kept = [h.raw for h in parse_headers(header) if not _is_status_header(h.name)]
+    return b"".join(kept) + separator + body
+
+
+async def default_transformer(raw: bytes, context: MessageContext) -> bytes:
+    """Until decryption is plugged in: serve the stored message, forged headers removed."""
+    return strip_status_headers(raw)
+
+
+def _is_status_header(name: str) -> bool:
+    return name.lower().startswith(STATUS_HEADER_PREFIX)
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """How the client logged in, kept in memory only so the side session can log in the
+    same way. `mechanism` None means the LOGIN command; otherwise a SASL mechanism whose
+    client responses (base64 lines, the initial response first) are replayed as-is, which
+    re-uses an OAuth token for XOAUTH2 / OAUTHBEARER."""
+
+    mechanism: bytes | None
+    login: tuple[bytes, bytes] = (b"", b"")
+    initial: bytes | None = None  # the SASL-IR argument as sent ("=" for empty)
+    responses: tuple[bytes, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Credentials({(self.mechanism or b'LOGIN').decode()}, <redacted>)"
+
+
+# --------------------------------------------------------------------------- the listener
+
+
+class ImapProxy:
+    """The local IMAP listener of one account."""
+
+    def __init__(
+        self,
+        account: Account,
+        transformer: Transformer = default_transformer,
+        *,
+        append_transformer: AppendTransformer | None = None,
+        append_mailboxes: Iterable[str] = (),
+        max_literal_size: int = DEFAULT_MAX_LITERAL,
+        cache: ViewCache | None = None,
+    ) -> None:
+        self.account = account
+        self.transformer = transformer
+        self.append_transformer = append_transformer
+        self.max_literal_size = max_literal_size
+        self.cache = cache if cache is not None else ViewCache()
+        # Mailboxes whose APPENDs go through append_transformer: configured names plus
+        # those a LIST response flagged \Sent or \Drafts (RFC 6154).
+        self.append_mailboxes = {_mailbox_key(name.encode()) for name in append_mailboxes}
+        self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._numbers = itertools.count(1)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the account says port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the proxy is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        local = self.account.local
+        self._server = await asyncio.start_server(self._on_client, local.host, local.imap_port)
+        log.info("imap[%s] listening on %s:%d", self.account.name, local.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            await ImapSession(self, reader, writer, next(self._numbers)).run()
+        except asyncio.CancelledError:
+            # close() cancelled us; ending normally keeps asyncio's stream callback from
+            # reporting the cancellation as an error
+            pass
+        finally:
+            self._sessions.discard(task)
+
+
+# --------------------------------------------------------------------------- per-session state
+
+
+@dataclass(frozen=True)
+class Selected:
+    mailbox: bytes
+    uidvalidity: int
+
+
+ItemKey: TypeAlias = tuple[
+    str, tuple[tuple[int, ...], str | None, tuple[str, ...]] | None, int | None
+]
+
+
+def item_key(item: FetchItem) -> ItemKey:
+    """What identifies a fetch item in a response: name, section, partial origin."""
+    section = None
+    if item.section is not None:
+        fields = tuple(name.upper() for name in item.section.fields)
+        section = (item.section.part, item.section.text, fields)
+    return item.name, section, item.partial[0] if item.partial else None
+
+
+HEADER_PROBE_KEY = item_key(HEADER_PROBE)
+TEXT_PROBE_KEY = item_key(TEXT_PROBE)
+_PROBE_KEYS = (HEADER_PROBE_KEY, TEXT_PROBE_KEY)
+UID_KEY = item_key(UID_ITEM)
+
+
+@dataclass
+class FetchContext:
+    """A client FETCH the relay rewrote: what the client asked, what the relay added."""
+
+    tag: bytes
+    requested: list[FetchItem]
+    added: set[ItemKey]  # items the client did not ask for: removed from responses
+    failure: str | None = None
+    failure_code: bytes = b"UNAVAILABLE"
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_for(self, key: ItemKey) -> FetchItem | None:
+        return next((item for item in self.requested if item_key(item) == key), None)
+
+    def fail(self, reason: str, code: bytes = b"UNAVAILABLE") -> None:
+        if self.failure is None:
+            self.failure, self.failure_code = reason, code
+
+
+@dataclass
+class Pending:
+    """A command sent upstream, waiting for its tagged response."""
+
+    verb: bytes
+    mailbox: bytes | None = None  # SELECT / EXAMINE
+    uidvalidity: int | None = None
+    credentials: Credentials | None = None  # LOGIN
+    mechanism: bytes | None = None  # AUTHENTICATE
+    sasl_initial: bytes | None = None
+    sasl_responses: list[bytes] = field(default_factory=list)
+    fetch: FetchContext | None = None
+
+
+class ViewUnavailable(Exception):
+    """The view of a message cannot be built; str() is fit for a NO text and a log line."""
+
+    def __init__(self, reason: str, code: bytes = b"UNAVAILABLE") -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _UpstreamBroken(Exception):
+    """The provider's side of the session is gone or unusable."""
+
+
+class _ClientBroken(Exception):
+    """The client broke the protocol in a way the relay cannot follow."""
+
+
+@dataclass
+class _ResponseItem:
+    """One `name value` pair of a FETCH response, both as the provider wrote them."""
+
+    name: bytes
+    value: bytes
+    item: FetchItem | None  # None: a name the codec does not know
+    key: ItemKey | None
+
+    @property
+    def content_derived(self) -> bool:
+        return self.item.content_derived if self.item is not None else True
+
+    def token(self) -> Token | None:
+        try:
+            tokens = tokenize(self.value)
+        except ImapSyntaxError:
+            return None
+        return tokens[0] if len(tokens) == 1 else None
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class ImapSession:
+    """One client connection and its upstream connection."""
+
+    def __init__(
+        self,
+        proxy: ImapProxy,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        number: int,
+    ) -> None:
+        self.proxy = proxy
+        self.account = proxy.account
+        self.client_reader = reader
+        self.client_writer = writer
+        self.name = f"imap[{self.account.name}#{number}]"
+        self.client = ClientParser(max_literal_size=proxy.max_literal_size)
+        self.server = ServerParser()
+        self.upstream: ImapUpstream | None = None
+        self.upstream_caps: set[bytes] = set()
+        self.pending: dict[bytes, Pending] = {}
+        self.selected: Selected | None = None
+        self.credentials: Credentials | None = None
+        self.side: SideSession | None = None
+        self.fetch: FetchContext | None = None
+        self.literal_wait: tuple[bytes, asyncio.Future[bool]] | None = None
+        self.auth_tag: bytes | None = None
+        self.idle_tag: bytes | None = None
+        # set while the client parser expects a DONE or SASL line instead of a command
+        self.client_mode: str | None = None
+        self.upstream_said_bye = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        peer = self.client_writer.get_extra_info("peername")
+        log.info("%s client connected from %s", self.name, _peer(peer))
+        try:
+            if await self._connect_upstream():
+                await self._relay()
+        except Exception:
+            log.exception("%s internal error", self.name)
+            self._bye(b"SERVERBUG", "internal error in localproxy")
+        finally:
+            await self._shutdown()
+            log.info("%s closed", self.name)
+
+    async def _connect_upstream(self) -> bool:
+        """Connect first, greet afterwards: some clients talk before the greeting."""
+        try:
+            self.upstream = await connect_imap(self.account.imap)
+        except UpstreamError as exc:
+            log.warning("%s provider unavailable: %s", self.name, exc)
+            self._bye(b"UNAVAILABLE", f"localproxy: {exc}")
+            return False
+        except Exception as exc:
+            log.warning("%s provider unavailable: %r", self.name, exc)
+            self._bye(b"UNAVAILABLE", f"localproxy: cannot reach {self.account.imap.address}")
+            return False
+        greeting = trusted_greeting(self.upstream)
+        parser = ServerParser()
+        parser.feed(greeting)
+        event = parser.next_event()
+        if isinstance(event, Untagged):
+            self._learn_capabilities(event)
+        log.info("%s provider connected (%s)", self.name, self.upstream.tls.version)
+        self._to_client(rewrite_capabilities(greeting, CAPABILITY_POLICY))
+        return True
+
+    async def _relay(self) -> None:
+        tasks = [
+            asyncio.create_task(self._client_loop(), name=f"{self.name} client"),
+            asyncio.create_task(self._upstream_loop(), name=f"{self.name} upstream"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+
+    async def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client_writer.drain()
+        self.client_writer.close()
+        if self.side is not None:
+            await self.side.close()
+        if self.upstream is not None:
+            await self.upstream.close()
+        with contextlib.suppress(Exception):
+            await self.client_writer.wait_closed()
+
+    def _to_client(self, data: bytes) -> None:
+        if not self.client_writer.is_closing():
+            self.client_writer.write(data)
+
+    def _bye(self, code: bytes, text: str) -> None:
+        self._to_client(status_response(None, b"BYE", text, ResponseCode.build(code)))
+
+    # -- client -> upstream -----------------------------------------------------------------
+
+    async def _client_loop(self) -> None:
+        try:
+            while True:
+                data = await self.client_reader.read(READ_SIZE)
+                if not data:
+                    log.info("%s client disconnected", self.name)
+                    return
+                self.client.feed(data)
+                while (event := self.client.next_event()) is not None:
+                    if not await self._on_client_event(event):
+                        return
+                await self.client_writer.drain()
+        except _UpstreamBroken as exc:
+            self._upstream_gone(str(exc))
+        except OSError as exc:
+            log.info("%s client connection failed: %r", self.name, exc)
+
+    async def _on_client_event(self, event: object) -> bool:
+        """Handle one client event; False ends the session."""
+        match event:
+            case Command():
+                await self._on_command(event)
+            case ContinuationNeeded():
+                self._to_client(b"+ Ready for literal data\r\n")
+            case IdleDone(raw=raw):
+                self.client_mode = None
+                await self._write_upstream(raw)
+            case ContinuationLine():
+                self.client_mode = None
+                self._on_continuation_line(event)
+                await self._write_upstream(event.raw)
+            case Rejected(tag=tag, reason=reason):
+                log.info("%s rejected a client command: %s", self.name, reason)
+                code = ResponseCode.build(b"TOOBIG") if _too_big(reason) else None
+                self._to_client(status_response(tag, b"BAD", reason, code))
+            case Fatal(reason=reason):
+                log.warning("%s client stream unusable: %s", self.name, reason)
+                self._bye(b"TOOBIG" if _too_big(reason) else b"CLIENTBUG", reason)
+                return False
+        return True
+
+    def _on_continuation_line(self, event: ContinuationLine) -> None:
+        pending = self.pending.get(self.auth_tag) if self.auth_tag else None
+        if pending is not None and not event.cancelled:
+            pending.sasl_responses.append(event.data)
+
+    async def _on_command(self, command: Command) -> None:
+        verb = command.verb
+        if verb in BLOCKED_COMMANDS:
+            self._to_client(status_response(command.tag, b"BAD", BLOCKED_COMMANDS[verb]))
+            return
+        handler = {
+            b"LOGIN": self._on_login,
+            b"AUTHENTICATE": self._on_authenticate,
+            b"IDLE": self._on_idle,
+            b"SELECT": self._on_select,
+            b"EXAMINE": self._on_select,
+            b"FETCH": self._on_fetch,
+            b"UID FETCH": self._on_fetch,
+            b"APPEND": self._on_append,
+            b"ENABLE": self._on_enable,
+        }.get(verb)
+        if handler is not None:
+            await handler(command)
+        else:
+            await self._send(command, Pending(verb))
+
+    async def _send(self, command: Command, pending: Pending) -> None:
+        """Send a command upstream; synchronizing literals wait for the provider's "+"."""
+        self.pending[command.tag] = pending
+        chunks = command.chunks(
+            literal_plus=b"LITERAL+" in self.upstream_caps,
+            literal_minus=b"LITERAL-" in self.upstream_caps,
+        )
+        for chunk in chunks:
+            await self._write_upstream(chunk.head)
+            if chunk.literal is None:
+                continue
+            if not await self._upstream_continuation(command.tag):
+                return  # refused: the provider's tagged answer went to the client
+            await self._write_upstream(chunk.literal)
+
+    async def _write_upstream(self, data: bytes) -> None:
+        assert self.upstream is not None
+        try:
+            self.upstream.writer.write(data)
+            await self.upstream.writer.drain()
+        except OSError as exc:
+            raise _UpstreamBroken(f"sending to the provider failed ({exc})") from exc
+
+    async def _upstream_continuation(self, tag: bytes) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.literal_wait = (tag, future)
+        try:
+            return await future
+        finally:
+            self.literal_wait = None
+
+    async def _on_login(self, command: Command) -> None:
+        values = [astring_value(arg) for arg in command.args]
+        credentials = None
+        if len(values) == 2 and None not in values:
+            user, password = values
+            assert user is not None and password is not None
+            credentials = Credentials(None, (user, password))
+        await self._send(command, Pending(command.verb, credentials=credentials))
+
+    async def _on_authenticate(self, command: Command) -> None:
+        args = command.args
+        mechanism = args[0].value.upper() if args and isinstance(args[0], Atom) else None
+        initial = astring_value(args[1]) if len(args) > 1 else None
+        pending = Pending(command.verb, mechanism=mechanism, sasl_initial=initial)
+        self.auth_tag = command.tag
+        await self._send(command, pending)
+
+    async def _on_idle(self, command: Command) -> None:
+        self.idle_tag = command.tag
+        await self._send(command, Pending(command.verb))
+
+    async def _on_select(self, command: Command) -> None:
+        mailbox = astring_value(command.args[0]) if command.args else None
+        await self._send(command, Pending(command.verb, mailbox=mailbox))
+
+    async def _on_enable(self, command: Command) -> None:
+        """Only extensions the client may see can be enabled upstream."""
+        allowed = [
+            arg
+            for arg in command.args
+            if isinstance(arg, Atom) and capability_allowed(arg.value, CAPABILITY_POLICY)
+        ]
+        if len(allowed) == len(command.args):
+            await self._send(command, Pending(command.verb))
+        elif allowed:
+            await self._send(build_command(command.tag, b"ENABLE", allowed), Pending(b"ENABLE"))
+        else:
+            self._to_client(b"* ENABLED\r\n" + status_response(command.tag, b"OK", "ENABLE done"))
+
+    # -- APPEND ---------------------------------------------------------------------------------
+
+    async def _on_append(self, command: Command) -> None:
+        target = self._append_target(command)
+        if target is None:
+            await self._send(command, Pending(command.verb))
+            return
+        mailbox, message = target
+        transform = self.proxy.append_transformer
+        assert transform is not None
+        try:
+            data = await transform(mailbox.decode("utf-8", "replace"), message.data)
+        except Exception as exc:
+            log.warning("%s APPEND to a protected mailbox failed: %r", self.name, exc)
+            text = f"localproxy: could not prepare the message for this mailbox ({exc})"
+            self._to_client(status_response(command.tag, b"NO", text))
+            return
+        args = (*command.args[:-1], Literal(data, message.form))
+        log.info("%s APPEND to a \\Sent/\\Drafts mailbox transformed", self.name)
+        await self._send(build_command(command.tag, b"APPEND", args), Pending(command.verb))
+
+    def _append_target(self, command: Command) -> tuple[bytes, Literal] | None:
+        """(mailbox, message) of a single-message APPEND into a Sent/Drafts mailbox."""
+        args = command.args
+        if self.proxy.append_transformer is None or not 2 <= len(args) <= 4:
+            return None
+        mailbox, message = astring_value(args[0]), args[-1]
+        if mailbox is None or not isinstance(message, Literal):
+            return None
+        if not all(isinstance(arg, PList | Quoted) for arg in args[1:-1]):
+            return None  # UTF8 (...), CATENATE or something new: not ours to rewrite
+        if _mailbox_key(mailbox) not in self.proxy.append_mailboxes:
+            return None
+        return mailbox, message
+
+    def _learn_special_use(self, response: Untagged) -> None:
+        tokens = response.tokens
+        if len(tokens) < 4 or not isinstance(tokens[1], PList):
+            return
+        flags = {t.value.upper() for t in tokens[1].items if isinstance(t, Atom)}
+        name = astring_value(tokens[3])
+        if name is not None and flags & SPECIAL_USE_APPEND:
+            self.proxy.append_mailboxes.add(_mailbox_key(name))
+
+    # -- FETCH: the request ---------------------------------------------------------------------
+
+    async def _on_fetch(self, command: Command) -> None:
+        try:
+            request = parse_fetch_request(command.args)
+        except ImapSyntaxError:
+            await self._send(command, Pending(command.verb))  # the provider answers BAD
+            return
+        if not any(item.content_derived for item in request.items):
+            await self._send(command, Pending(command.verb))
+            return
+        uid_command = command.subcommand is not None
+        items, added = _upstream_fetch_items(command.args[1], request.items, uid_command)
+        context = FetchContext(command.tag, request.items, added)
+        args = (command.args[0], PList(tuple(items)), *command.args[2:])
+        rewritten = build_command(command.tag, command.name, args, command.subcommand)
+        self.fetch = context
+        try:
+            await self._send(rewritten, Pending(command.verb, fetch=context))
+            # One rewritten FETCH at a time: its untagged responses are then attributable,
+            # and they go out in order even while a view is being built.
+            await context.done.wait()
+        finally:
+            self.fetch = None
+
+    # -- upstream -> client -----------------------------------------------------------------
+
+    async def _upstream_loop(self) -> None:
+        assert self.upstream is not None
+        try:
+            while True:
+                self.server.feed(await self._read_upstream())
+                while (event := self.server.next_event()) is not None:
+                    await self._on_server_event(event)
+                await self.client_writer.drain()
+        except _UpstreamBroken as exc:
+            self._upstream_gone(str(exc))
+        except _ClientBroken as exc:
+            log.warning("%s client protocol violation: %s", self.name, exc)
+            self._bye(b"CLIENTBUG", str(exc))
+        except OSError as exc:  # writing to the client
+            log.info("%s client connection failed: %r", self.name, exc)
+
+    async def _read_upstream(self) -> bytes:
+        assert self.upstream is not None
+        try:
+            data = await self.upstream.reader.read(READ_SIZE)
+        except OSError as exc:
+            raise _UpstreamBroken(f"connection to the provider failed ({exc!r})") from exc
+        if not data:
+            raise _UpstreamBroken("the provider closed the connection")
+        return data
+
+    def _end_literal_wait(self, go_ahead: bool) -> None:
+        if self.literal_wait is not None and not self.literal_wait[1].done():
+            self.literal_wait[1].set_result(go_ahead)
+
+    def _upstream_gone(self, reason: str) -> None:
+        self._end_literal_wait(False)
+        if self.client_writer.is_closing():
+            return
+        if self.upstream_said_bye:
+            log.info("%s provider ended the session", self.name)
+            return
+        log.warning("%s provider connection lost: %s", self.name, reason)
+        self._bye(b"UNAVAILABLE", f"localproxy: {reason}")
+
+    async def _on_server_event(self, event: ServerEvent) -> None:
+        match event:
+            case Untagged():
+                await self._on_untagged(event)
+            case Tagged():
+                self._on_tagged(event)
+            case Continuation():
+                self._on_continuation(event)
+            case Unparsed():
+                await self._on_unparsed(event)
+            case Fatal(reason=reason):
+                raise _UpstreamBroken(f"unusable response from the provider: {reason}")
+
+    async def _on_untagged(self, response: Untagged) -> None:
+        has_caps = self._learn_capabilities(response)
+        if response.status == b"BYE":
+            self.upstream_said_bye = True
+        if response.code is not None and response.code.name == b"UIDVALIDITY":
+            self._on_uidvalidity(response.code)
+        if response.status is None:
+            if response.name == b"FETCH":
+                await self._on_fetch_response(response.raw)
+                return
+            if response.name in (b"LIST", b"XLIST"):
+                self._learn_special_use(response)
+            has_caps = has_caps or response.name == b"ENABLED"
+        raw = response.raw
+        self._to_client(rewrite_capabilities(raw, CAPABILITY_POLICY) if has_caps else raw)
+
+    def _on_tagged(self, response: Tagged) -> None:
+        if self.literal_wait is not None and self.literal_wait[0] == response.tag:
+            self._end_literal_wait(False)  # refused instead of "+"
+        has_caps = self._learn_capabilities(response)
+        raw = response.raw
+        pending = self.pending.pop(response.tag, None)
+        if pending is not None:
+            raw = self._complete(pending, response) or raw
+        self._to_client(rewrite_capabilities(raw, CAPABILITY_POLICY) if has_caps else raw)
+        if pending is not None and pending.fetch is not None:
+            pending.fetch.done.set()
+
+    def _complete(self, pending: Pending, response: Tagged) -> bytes | None:
+        """State changes of a completed command; returns a replacement tagged line."""
+        ok = response.status == b"OK"
+        if pending.verb in (b"LOGIN", b"AUTHENTICATE"):
+            self._on_login_done(pending, ok)
+        elif pending.verb == b"IDLE":
+            self.idle_tag = None
+            self._back_to_commands()
+        elif pending.verb in (b"SELECT", b"EXAMINE"):
+            if ok and pending.mailbox is not None and pending.uidvalidity is not None:
+                self.selected = Selected(pending.mailbox, pending.uidvalidity)
+            elif response.status != b"BAD":
+                self.selected = None
+        elif pending.verb in (b"CLOSE", b"UNSELECT") and ok:
+            self.selected = None
+        elif pending.fetch is not None and pending.fetch.failure is not None and ok:
+            context = pending.fetch
+            text = f"localproxy: {context.failure}"
+            code = ResponseCode.build(context.failure_code)
+            return status_response(response.tag, b"NO", text, code)
+        return None
+
+    def _on_login_done(self, pending: Pending, ok: bool) -> None:
+        if pending.verb == b"AUTHENTICATE":
+            self.auth_tag = None
+            self._back_to_commands()
+        if not ok:
+            return
+        credentials = pending.credentials
+        if pending.verb == b"AUTHENTICATE" and pending.mechanism in REPLAYABLE_MECHANISMS:
+            credentials = Credentials(
+                pending.mechanism,
+                initial=pending.sasl_initial,
+                responses=tuple(pending.sasl_responses),
+            )
+        self.credentials = credentials
+        if self.side is not None:
+            self.side.credentials = credentials
+        mechanism = (pending.mechanism or b"LOGIN").decode("ascii", "replace")
+        log.info("%s logged in (%s)", self.name, mechanism)
+
+    def _on_continuation(self, response: Continuation) -> None:
+        if self.literal_wait is not None:
+            self._end_literal_wait(True)
+            return  # our own literal: the client already had its "+" from us
+        if self.auth_tag is not None:
+            self._switch_client("sasl", self.client.expect_continuation_line)
+        elif self.idle_tag is not None and self.client_mode is None:
+            self._switch_client("done", self.client.expect_done)
+        self._to_client(response.raw)
+
+    def _switch_client(self, mode: str, switch: Callable[[], None]) -> None:
+        """Before forwarding "+": the client's next line answers it, not a new command."""
+        try:
+            switch()
+        except RuntimeError:
+            raise _ClientBroken("command sent before the server's continuation") from None
+        self.client_mode = mode
+
+    def _back_to_commands(self) -> None:
+        """IDLE or AUTHENTICATE ended without the client's line (rejected, or the server
+        ended it): the client's next line is a command again."""
+        if self.client_mode is not None:
+            self.client.expect_command()
+            self.client_mode = None
+
+    async def _on_unparsed(self, response: Unparsed) -> None:
+        # The codec refuses multipart BODYSTRUCTUREs as Dovecot writes them ("(...)(...)",
+        # no space between the parts); the relay's own splitter reads them.
+        if _FETCH_HEAD.match(response.raw):
+            await self._on_fetch_response(response.raw)
+            return
+        self._to_client(response.raw)
+
+    def _learn_capabilities(self, response: Untagged | Tagged) -> bool:
+        caps = capabilities_of(response)
+        if caps is None:
+            return False
+        self.upstream_caps = {cap.upper() for cap in caps}
+        return True
+
+    def _on_uidvalidity(self, code: ResponseCode) -> None:
+        if not code.args or not isinstance(code.args[0], Number):
+            return
+        value = code.args[0].value
+        for pending in self.pending.values():
+            if pending.verb in (b"SELECT", b"EXAMINE"):
+                pending.uidvalidity = value
+        if self.selected is not None and not any(
+            p.verb in (b"SELECT", b"EXAMINE") for p in self.pending.values()
+        ):
+            self.selected = Selected(self.selected.mailbox, value)
+
+    # -- FETCH: the responses -------------------------------------------------------------------
+
+    async def _on_fetch_response(self, raw: bytes) -> None:
+        context = self.fetch
+        parsed = split_fetch_response(raw)
+        if parsed is None:
+            log.warning("%s unreadable FETCH response from the provider", self.name)
+            if context is not None:
+                context.fail("unreadable FETCH response from the provider")
+            else:
+                self._to_client(raw)
+            return
+        sequence, items = parsed
+        # Only a response carrying the probes answers the rewritten command; others (an
+        # earlier pipelined UID FETCH FLAGS, a flag update) keep everything they have.
+        ours = context is not None and any(i.key in _PROBE_KEYS for i in items)
+        added = context.added if ours and context is not None else set()
+        content = [i for i in items if i.content_derived and i.key not in added]
+        # Without probes (unsolicited, or split off by the provider) nothing tells a
+        # plain message from an encrypted one: the view is always right.
+        plain = ours and not _needs_view(items)
+        if not content or plain:
+            self._forward_fetch(raw, sequence, items, added)
+        else:
+            await self._serve_view(sequence, items, added, context)
+
+    def _forward_fetch(
+        self, raw: bytes, sequence: int, items: list[_ResponseItem], added: set[ItemKey]
+    ) -> None:
+        """The provider's response, minus the relay's additions; every item kept is
+        spliced byte for byte."""
+        kept = [i for i in items if i.key not in added]
+        if len(kept) == len(items):
+            self._to_client(raw)
+        else:
+            self._to_client(_join_fetch(sequence, [(i.name, i.value) for i in kept]))
+
+    async def _serve_view(
+        self,
+        sequence: int,
+        items: list[_ResponseItem],
+        added: set[ItemKey],
+        context: FetchContext | None,
+    ) -> None:
+        uid = _uid_of(items)
+        try:
+            view = await self._view(uid, _whole_message(items))
+            served = _view_items(view, items, added, context)
+        except Exception as exc:
+            code = _failure_code(exc)
+            if not isinstance(exc, ViewUnavailable | BinaryError):
+                log.exception("%s view of uid %s failed", self.name, uid)
+                exc = ViewUnavailable(f"internal error ({exc.__class__.__name__})")
+            log.warning("%s message uid %s withheld: %s", self.name, uid, exc)
+            if context is not None:
+                context.fail(f"message UID {uid} is not available right now: {exc}", code)
+                return
+            # unsolicited: pass on what does not depend on content, if anything
+            served = [(i.name, i.value) for i in items if not i.content_derived]
+            if not served:
+                return
+        self._to_client(_join_fetch(sequence, served))
+
+    async def _view(self, uid: int | None, stored: bytes | None) -> MessageView:
+        """The cached view of a message, built from `stored` (the whole message, when the
+        provider's response happens to carry it) or from a side-session fetch."""
+        if uid is None:
+            raise ViewUnavailable("the provider's FETCH response carries no UID")
+        if self.selected is None:
+            raise ViewUnavailable("the selected mailbox is unknown")
+        selected = self.selected
+        key = ViewKey(self.account.name, selected.mailbox, selected.uidvalidity, uid)
+        return await self.proxy.cache.get_or_build(key, lambda: self._build_view(key, stored))
+
+    async def _build_view(self, key: ViewKey, stored: bytes | None) -> bytes:
+        if stored is None:
+            stored = await self._fetch_stored(key)
+        mailbox = key.mailbox.decode("utf-8", "replace")
+        context = MessageContext(self.account.name, mailbox, key.uidvalidity, key.uid)
+        try:
+            view = await self.proxy.transformer(stored, context)
+        except Exception as exc:
+            raise ViewUnavailable(
+                f"transforming the message failed ({exc.__class__.__name__})"
+            ) from exc
+        log.info("%s built the view of uid %d (%d octets)", self.name, key.uid, len(view))
+        return view
+
+    async def _fetch_stored(self, key: ViewKey) -> bytes:
+        if self.credentials is None:
+            raise ViewUnavailable("the login method cannot be reused for fetching the message")
+        if self.side is None:
+            self.side = SideSession(self.account.imap, self.credentials, self.name)
+        try:
+            return await self.side.fetch(key.mailbox, key.uidvalidity, key.uid)
+        except SideSessionError as exc:
+            raise ViewUnavailable(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- FETCH helpers
+
+
+def _upstream_fetch_items(
+    requested_token: Token, requested: list[FetchItem], uid_command: bool
+) -> tuple[list[Token], set[ItemKey]]:
+    """The client's items as it wrote them, plus UID and the probes it did not ask for."""
+    if isinstance(requested_token, PList):
+        tokens = list(requested_token.items)
+    elif isinstance(requested_token, Atom) and b"[" not in requested_token.value:
+        # a macro (ALL, FAST, FULL) or a single atom: spelled out, as macros cannot be
+        # combined with other items
+        tokens = [Atom(item.request_bytes()) for item in requested]
+    else:
+        tokens = [requested_token]
+    present = {item_key(item) for item in requested}
+    added: set[ItemKey] = set()
+    extras = [HEADER_PROBE, TEXT_PROBE] if uid_command else [UID_ITEM, HEADER_PROBE, TEXT_PROBE]
+    for extra in extras:
+        key = item_key(extra)
+        if key not in present:
+            tokens.append(Atom(extra.request_bytes()))
+            added.add(key)
+    return tokens, added
+
+
+_FETCH_HEAD = re.compile(rb"\* (\d{1,10}) FETCH \(", re.I)
+_LITERAL_HEAD = re.compile(rb"~?\{(\d{1,19})[+-]?\}\r\n")
+_MAX_NESTING = 100
+
+
+class _Scanner:
+    """Finds where tokens end in a server response (quoted strings, literals, lists,
+    atoms with [sections]) without building them. Raises ValueError on broken input."""
+
+    def __init__(self, data: bytes, end: int) -> None:
+        self.data, self.end = data, end
+
+    def spaces(self, pos: int) -> int:
+        while pos < self.end and self.data[pos] == 0x20:
+            pos += 1
+        return pos
+
+    def token(self, pos: int, depth: int = 0, closer: int = 0x29) -> int:
+        if pos >= self.end or depth > _MAX_NESTING:
+            raise ValueError("token expected")
+        byte = self.data[pos]
+        if byte == 0x28:  # (
+            return self.sequence(pos + 1, 0x29, depth + 1)
+        if byte == 0x22:  # "
+            return self.quoted(pos)
+        literal = _LITERAL_HEAD.match(self.data, pos, self.end)
+        if literal is not None:
+            stop = literal.end() + int(literal[1])
+            if stop > self.end:
+                raise ValueError("literal cut short")
+            return stop
+        return self.atom(pos, depth, closer)
+
+    def sequence(self, pos: int, closer: int, depth: int) -> int:
+        """Tokens up to `closer`; adjacent lists need no space between them."""
+        while True:
+            pos = self.spaces(pos)
+            if pos >= self.end:
+                raise ValueError("list not closed")
+            if self.data[pos] == closer:
+                return pos + 1
+            pos = self.token(pos, depth, closer)
+
+    def quoted(self, pos: int) -> int:
+        index = pos + 1
+        while index < self.end:
+            byte = self.data[index]
+            if byte == 0x5C:  # backslash
+                index += 2
+            elif byte == 0x22:
+                return index + 1
+            else:
+                index += 1
+        raise ValueError("quoted string not closed")
+
+    def atom(self, pos: int, depth: int, closer: int) -> int:
+        index = pos
+        while index < self.end:
+            byte = self.data[index]
+            if byte in (0x20, 0x28, 0x29) or byte == closer:
+                break
+            if byte == 0x5B:  # [section], which may hold spaces and lists
+                index = self.sequence(index + 1, 0x5D, depth + 1)
+            else:
+                index += 1
+        if index == pos:
+            raise ValueError("atom expected")
+        return index
+
+
+def split_fetch_response(raw: bytes) -> tuple[int, list[_ResponseItem]] | None:
+    """`* n FETCH (name value ...)` split into its pairs, each as raw bytes, so items the
+    relay does not change are forwarded byte for byte. None if it is not readable."""
+    head = _FETCH_HEAD.match(raw)
+    if head is None or not raw.endswith(b")\r\n"):
+        return None
+    end = len(raw) - 3
+    scanner = _Scanner(raw, end)
+    items: list[_ResponseItem] = []
+    try:
+        pos = scanner.spaces(head.end())
+        while pos < end:
+            name_end = scanner.atom(pos, 0, 0x29)
+            if raw[name_end : name_end + 1] != b" ":
+                raise ValueError("item without a value")
+            value_end = scanner.token(name_end + 1)
+            items.append(_response_item(raw[pos:name_end], raw[name_end + 1 : value_end]))
+            pos = scanner.spaces(value_end)
+    except ValueError:
+        return None
+    return int(head[1]), items
+
+
+def _response_item(name: bytes, value: bytes) -> _ResponseItem:
+    try:
+        tokens = tokenize(name)
+        item = parse_fetch_item(tokens[0], response=True) if len(tokens) == 1 else None
+    except ImapSyntaxError:
+        item = None
+    return _ResponseItem(name, value, item, item_key(item) if item is not None else None)
+
+
+def _join_fetch(sequence: int, items: list[tuple[bytes, bytes]]) -> bytes:
+    """A FETCH response from encoded pairs, UID first (Thunderbird expects it there)."""
+    ordered = sorted(items, key=lambda item: item[0].upper() != b"UID")
+    body = b" ".join(name + b" " + value for name, value in ordered)
+    return b"* %d FETCH (%s)\r\n" % (sequence, body)
+
+
+_WHOLE_MESSAGE_KEYS = (("BODY", ((), None, ()), None), ("RFC822", None, None))
+
+
+def _whole_message(items: list[_ResponseItem]) -> bytes | None:
+    """The stored message itself, if the response carries it whole (BODY[] or RFC822)."""
+    for entry in items:
+        if entry.key in _WHOLE_MESSAGE_KEYS:
+            return _string_value(entry.token())
+    return None
+
+
+def _uid_of(items: list[_ResponseItem]) -> int | None:
+    for entry in items:
+        if entry.key == UID_KEY:
+            token = entry.token()
+            return token.value if isinstance(token, Number) else None
+    return None
+
+
+def _string_value(value: Token | None) -> bytes | None:
+    if isinstance(value, Literal):
+        return value.data
+    if isinstance(value, Quoted):
+        return value.value
+    return None
+
+
+def _needs_view(items: list[_ResponseItem]) -> bool:
+    """From the probes: must this message be served from a view? Unknown means yes: the
+    view is always right, only slower."""
+    probes = {i.key: _string_value(i.token()) for i in items if i.key in _PROBE_KEYS}
+    header = probes.get(HEADER_PROBE_KEY)
+    if header is None:
+        return True
+    fields = parse_headers(header)
+    if any(_is_status_header(f.name) for f in fields):
+        return True
+    content_type = next((f for f in fields if f.name.lower() == "content-type"), None)
+    ctype, _ = content_type_of(content_type)
+    if ctype in VIEW_TYPES:
+        return True
+    if ctype != "text/plain":
+        return False
+    encoding = next((f for f in fields if f.name.lower() == "content-transfer-encoding"), None)
+    return _may_be_armored(probes.get(TEXT_PROBE_KEY), encoding.value.lower() if encoding else "")
+
+
+def _may_be_armored(text: bytes | None, encoding: str) -> bool:
+    """Does a text/plain body start (after whitespace) with an OpenPGP armor line? Only
+    the first TEXT_PROBE_LENGTH octets are known; undecidable counts as yes."""
+    if text is None:
+        return True
+    cut_short = len(text) >= TEXT_PROBE_LENGTH
+    try:
+        decoded = _decode_prefix(text, encoding)
+    except (binascii.Error, ValueError):
+        return True
+    start = decoded.lstrip()
+    for armor in ARMOR_LINES:
+        if start.startswith(armor):
+            return True
+        if cut_short and len(start) < len(armor) and armor.startswith(start):
+            return True
+    return False
+
+
+def _decode_prefix(text: bytes, encoding: str) -> bytes:
+    if encoding == "base64":
+        compact = b"".join(text.split())
+        return base64.b64decode(compact[: len(compact) // 4 * 4])
+    if encoding == "quoted-printable":
+        return quopri.decodestring(text)
+    return text
+
+
+def _view_items(
+    view: MessageView,
+    items: list[_ResponseItem],
+    added: set[ItemKey],
+    context: FetchContext | None,
+) -> list[tuple[bytes, bytes]]:
+    """The response with every content item computed from the view, names and metadata
+    as the provider sent them, the relay's own additions removed."""
+    served: list[tuple[bytes, bytes]] = []
+    for entry in items:
+        if entry.key in added:
+            continue
+        if not entry.content_derived:
+            served.append((entry.name, entry.value))
+            continue
+        item = _requested_item(entry, context)
+        value = view_value(view, item) if item is not None else None
+        if value is None:
+            log.warning("cannot compute FETCH item %r from a view; left out", entry.name)
+            continue
+        served.append((entry.name, serialize([value])))
+    return served
+
+
+def _requested_item(entry: _ResponseItem, context: FetchContext | None) -> FetchItem | None:
+    """The request behind a response item: it has the partial length a response lacks."""
+    if entry.item is None or entry.key is None:
+        return None
+    requested = context.request_for(entry.key) if context is not None else None
+    if requested is not None:
+        return requested
+    if entry.item.partial is not None:  # unsolicited partial: the rest of the section
+        return FetchItem(entry.item.name, entry.item.section, (entry.item.partial[0], None))
+    return entry.item
+
+
+def view_value(view: MessageView, item: FetchItem) -> Token | None:
+    """The value of one content-derived item from the view; None for items it cannot
+    compute. Pre-encoded lists travel as Atom, which serializes its bytes unchanged."""
+    name, section = item.name, item.section
+    if name == "RFC822.SIZE":
+        return Number(view.rfc822_size())
+    if name == "ENVELOPE":
+        return Atom(view.envelope())
+    if name == "BODYSTRUCTURE":
+        return Atom(view.bodystructure())
+    if name == "BODY" and section is None:
+        return Atom(view.bodystructure(extensible=False))
+    if name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
+        data = {"RFC822": view.rfc822, "RFC822.HEADER": view.rfc822_header}.get(
+            name, view.rfc822_text
+        )()
+        return Literal(data)
+    if section is None:
+        return None
+    if name == "BODY":
+        data = view.section(section.part, section.text, section.fields)
+        return Literal(_partial(data, item.partial))
+    if name == "BINARY":
+        data = _partial(view.binary(section.part), item.partial)
+        binary = view.binary_literal8(section.part)
+        return Literal(data, LiteralForm.BINARY if binary else LiteralForm.SYNC)
+    if name == "BINARY.SIZE":
+        return Number(view.binary_size(section.part))
+    return None
+
+
+def _partial(data: bytes, partial: tuple[int, int | None] | None) -> bytes:
+    if partial is None:
+        return data
+    return MessageView.partial(data, partial[0], partial[1])
+
+
+def _failure_code(exc: Exception) -> bytes:
+    if isinstance(exc, BinaryError):
+        return exc.code.encode("ascii")  # UNKNOWN-CTE or PARSE, as a server would say
+    if isinstance(exc, ViewUnavailable):
+        return exc.code
+    return b"UNAVAILABLE"
+
+
+def _too_big(reason: str) -> bool:
+    return "larger than" in reason or "longer than" in reason or "too large" in reason
+
+
+_GREETING_CAPABILITY = re.compile(rb"\[CAPABILITY [^\]]*\] ?", re.I)
+
+
+def trusted_greeting(upstream: ImapUpstream) -> bytes:
+    """The upstream greeting, minus a capability list that travelled in clear: after
+    STARTTLS those capabilities are void (RFC 3501 6.2.1) and the client asks again."""
+    if upstream.tls.starttls:
+        return _GREETING_CAPABILITY.sub(b"", upstream.greeting, count=1)
+    return upstream.greeting
+
+
+def _mailbox_key(name: bytes) -> bytes:
+    """INBOX is case-insensitive (RFC 3501 5.1); every other name is exact."""
+    return b"INBOX" if name.upper() == b"INBOX" else name
+
+
+def _peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+# --------------------------------------------------------------------------- side session
+
+
+class SideSessionError(Exception):
+    """The side session could not deliver the message; str() says why, without secrets."""
+
+
+class _SideLost(Exception):
+    """The side connection broke; worth one reconnect."""
+
+
+class SideSession:
+    """The relay's own upstream session for fetching stored messages by UID. It logs in
+    the way the client did, EXAMINEs (read-only, so \\Seen never changes) and uses
+    BODY.PEEK[]. One per client session, connected on first use, reconnected once if the
+    provider dropped it (idle timeouts)."""
+
+    def __init__(self, server: UpstreamServer, credentials: Credentials, name: str) -> None:
+        self.server_config = server
+        self.credentials = credentials
+        self.name = f"{name} side"
+        self._conn: ImapUpstream | None = None
+        self._parser = ServerParser()
+        self._caps: set[bytes] = set()
+        self._mailbox: Selected | None = None
+        self._lock = asyncio.Lock()
+        self._tags = itertools.count(1)
+
+    async def fetch(self, mailbox: bytes, uidvalidity: int, uid: int) -> bytes:
+        async with self._lock:
+            for attempt in range(2):
+                try:
+                    async with asyncio.timeout(self.server_config.timeout):
+                        await self._ready(Selected(mailbox, uidvalidity))
+                        return await self._uid_fetch(uid)
+                except (_SideLost, OSError, TimeoutError) as exc:
+                    await self.close()
+                    if attempt:
+                        reason = str(exc) or exc.__class__.__name__
+                        raise SideSessionError(f"provider session failed: {reason}") from exc
+                    log.info("%s reconnecting after: %r", self.name, exc)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._mailbox = None
+        if conn is not None:
+            await conn.close()
+
+    async def _ready(self, mailbox: Selected) -> None:
+        if self._conn is None:
+            await self._connect()
+        if self._mailbox != mailbox:
+            await self._examine(mailbox)
+
+    async def _connect(self) -> None:
+        try:
+            self._conn = await connect_imap(self.server_config)
+        except UpstreamError as exc:
+            raise SideSessionError(f"cannot reach the provider: {exc}") from exc
+        try:
+            await self._greet_and_login()
+        except BaseException:
+            await self.close()  # never keep a connection that is not logged in
+            raise
+        log.info("%s connected", self.name)
+
+    async def _greet_and_login(self) -> None:
+        assert self._conn is not None
+        self._parser = ServerParser()
+        self._caps = set()
+        self._parser.feed(trusted_greeting(self._conn))
+        greeting = await self._event()
+        if isinstance(greeting, Untagged):
+            self._learn(greeting)
+        if not self._caps:
+            await self._command(build_command(self._tag(), b"CAPABILITY"))
+        await self._login()
+
+    async def _login(self) -> None:
+        credentials = self.credentials
+        if credentials.mechanism is None:
+            user, password = credentials.login
+            command = build_command(self._tag(), b"LOGIN", [Quoted(user), Quoted(password)])
+            _, tagged = await self._command(command)
+        else:
+            tagged = await self._authenticate(credentials)
+        if tagged.status != b"OK":
+            text = tagged.text.decode("utf-8", "replace")
+            raise SideSessionError(f"the provider refused the login: {text}")
+        self._learn(tagged)
+
+    async def _authenticate(self, credentials: Credentials) -> Tagged:
+        assert credentials.mechanism is not None
+        responses = list(credentials.responses)
+        args: list[Token] = [Atom(credentials.mechanism)]
+        if credentials.initial is not None:
+            if b"SASL-IR" in self._caps:
+                args.append(Atom(credentials.initial))
+            else:  # RFC 4959: "=" stands for an empty initial response
+                responses.insert(0, b"" if credentials.initial == b"=" else credentials.initial)
+        tag = self._tag()
+        await self._write(build_command(tag, b"AUTHENTICATE", args).raw)
+        while True:
+            event = await self._event()
+            if isinstance(event, Continuation):
+                await self._write((responses.pop(0) if responses else b"*") + CRLF)
+            elif isinstance(event, Tagged) and event.tag == tag:
+                return event
+
+    async def _examine(self, mailbox: Selected) -> None:
+        self._mailbox = None
+        untagged, tagged = await self._command(
+            build_command(self._tag(), b"EXAMINE", [Quoted(mailbox.mailbox)])
+        )
+        if tagged.status != b"OK":
+            text = tagged.text.decode("utf-8", "replace")
+            raise SideSessionError(f"cannot open the mailbox: {text}")
+        uidvalidity = next(
+            (
+                u.code.args[0].value
+                for u in untagged
+                if u.code is not None
+                and u.code.name == b"UIDVALIDITY"
+                and u.code.args
+                and isinstance(u.code.args[0], Number)
+            ),
+            None,
+        )
+        if uidvalidity != mailbox.uidvalidity:
+            raise SideSessionError("the mailbox changed (UIDVALIDITY differs); select it again")
+        self._mailbox = mailbox
+
+    async def _uid_fetch(self, uid: int) -> bytes:
+        command = build_command(self._tag(), b"UID", [Number(uid), Atom(b"BODY.PEEK[]")], b"FETCH")
+        untagged, tagged = await self._command(command)
+        if tagged.status != b"OK":
+            text = tagged.text.decode("utf-8", "replace")
+            raise SideSessionError(f"the provider could not fetch the message: {text}")
+        for response in untagged:
+            message = _stored_message(response, uid)
+            if message is not None:
+                return message
+        raise SideSessionError(f"message UID {uid} no longer exists")
+
+    async def _command(self, command: Command) -> tuple[list[Untagged], Tagged]:
+        untagged: list[Untagged] = []
+        chunks = command.chunks(literal_plus=b"LITERAL+" in self._caps)
+        for chunk in chunks:
+            await self._write(chunk.head)
+            if chunk.literal is None:
+                continue
+            event = await self._until_continuation(command.tag, untagged)
+            if isinstance(event, Tagged):
+                return untagged, event
+            await self._write(chunk.literal)
+        while True:
+            event = await self._event()
+            if isinstance(event, Tagged) and event.tag == command.tag:
+                self._learn(event)
+                return untagged, event
+            if isinstance(event, Untagged):
+                self._learn(event)
+                untagged.append(event)
+
+    async def _until_continuation(
+        self, tag: bytes, untagged: list[Untagged]
+    ) -> Continuation | Tagged:
+        while True:
+            event = await self._event()
+            if isinstance(event, Continuation):
+                return event
+            if isinstance(event, Tagged) and event.tag == tag:
+                return event
+            if isinstance(event, Untagged):
+                untagged.append(event)
+
+    async def _event(self) -> ServerEvent:
+        assert self._conn is not None
+        while True:
+            event = self._parser.next_event()
+            if isinstance(event, Fatal):
+                raise _SideLost(event.reason)
+            if isinstance(event, Untagged) and event.status == b"BYE":
+                raise _SideLost("the provider ended the session")
+            if event is not None:
+                return event
+            data = await self._conn.reader.read(READ_SIZE)
+            if not data:
+                raise _SideLost("the provider closed the connection")
+            self._parser.feed(data)
+
+    async def _write(self, data: bytes) -> None:
+        if self._conn is None:
+            raise _SideLost("not connected")
+        self._conn.writer.write(data)
+        await self._conn.writer.drain()
+
+    def _learn(self, event: Untagged | Tagged) -> None:
+        caps = capabilities_of(event)
+        if caps is not None:
+            self._caps = {cap.upper() for cap in caps}
+
+    def _tag(self) -> bytes:
+        return b"LPS%d" % next(self._tags)
+
+
+def _stored_message(response: Untagged, uid: int) -> bytes | None:
+    if response.status is not None or response.name != b"FETCH":
+        return None
+    try:
+        _, items = parse_fetch_response(response)
+    except ImapSyntaxError:
+        return None
+    values = {name.upper(): value for name, value in items}
+    if values.get(b"UID") != Number(uid):
+        return None
+    body = values.get(b"BODY[]")
+    if isinstance(body, Nil):
+        return None
+    return _string_value(body) if body is not None else None
