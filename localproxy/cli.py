@@ -54,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(commands)
     _add_check_command(commands)
     _add_keys_commands(commands)
+    _add_cert_commands(commands)
     return parser
+
+
+def _add_cert_commands(commands: argparse._SubParsersAction) -> None:
+    from localproxy.localtls import add_cert_commands
+
+    add_cert_commands(commands)
 
 
 def _add_keys_commands(commands: argparse._SubParsersAction) -> None:
@@ -155,9 +162,10 @@ def _operation_errors() -> tuple[type[Exception], ...]:
     from localproxy.crypto.errors import CryptoError
     from localproxy.keys.commands import KeysError
     from localproxy.keys.store import KeyStoreError
+    from localproxy.localtls import LocalTLSError
     from localproxy.secretbox import SecretBoxError
 
-    return (CryptoError, KeysError, KeyStoreError, SecretBoxError)
+    return (CryptoError, KeysError, KeyStoreError, LocalTLSError, SecretBoxError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

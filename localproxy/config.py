@@ -93,9 +93,41 @@ class LocalListen:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A policy override for one domain or address; None means "inherit"."""
+
+    encrypt: str | None = None
+    sign: str | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
-    encrypt: str = "opportunistic"
-    sign: str = "encrypted"
+    """Who gets what: defaults plus per-domain and per-address rules."""
+
+    encrypt: str | None = "opportunistic"
+    sign: str | None = "encrypted"
+    autocrypt: bool | None = True  # add an Autocrypt header with the sender's key
+    prefer_encrypt: bool | None = False  # Autocrypt prefer-encrypt=mutual
+    domains: dict[str, Rule] = field(default_factory=dict)
+    addresses: dict[str, Rule] = field(default_factory=dict)
+
+    def decide(self, recipient: str, account: Policy | None = None) -> tuple[str, str]:
+        """(encrypt, sign) for a recipient: address rules beat domain rules beat defaults;
+        at each level an account's own rule beats the global one."""
+        address = normalize_address(recipient)
+        domain = address.rpartition("@")[2]
+        layers = [account, self] if account else [self]
+        rules = [layer.addresses.get(address) for layer in layers]
+        rules += [layer.domains.get(domain) for layer in layers]
+        rules += [Rule(layer.encrypt, layer.sign) for layer in layers]
+        encrypt = next(r.encrypt for r in rules if r is not None and r.encrypt is not None)
+        sign = next(r.sign for r in rules if r is not None and r.sign is not None)
+        return encrypt, sign
+
+    def setting(self, name: str, account: Policy | None = None) -> bool:
+        """A yes/no setting (autocrypt, prefer_encrypt), the account's value winning."""
+        own = getattr(account, name) if account else None
+        return bool(getattr(self, name) if own is None else own)
 
 
 @dataclass(frozen=True)
@@ -106,6 +138,7 @@ class Account:
     imap: UpstreamServer
     smtp: UpstreamServer
     username: str | None = None  # upstream login name; defaults to the first address
+    policy: Policy | None = None  # this account's overrides of the global [policy]
 
     @property
     def login(self) -> str:
@@ -220,12 +253,35 @@ def _proxy(v: _Validator, t: Mapping[str, Any], p: str) -> ProxySettings:
     )
 
 
-def _policy(v: _Validator, t: Mapping[str, Any], p: str) -> Policy:
-    v.keys(t, p, {"encrypt", "sign"})
+def _policy(v: _Validator, t: Mapping[str, Any], p: str, inherit: bool = False) -> Policy:
+    """The global [policy] table, or an account's (whose unset keys inherit)."""
+    v.keys(t, p, {"encrypt", "sign", "autocrypt", "prefer_encrypt", "domain", "address"})
+    encrypt_default, sign_default = (None, None) if inherit else ("opportunistic", "encrypted")
+    domains = _rules(v, v.table(t, "domain", p), f"{p}.domain")
+    addresses = _rules(v, v.table(t, "address", p), f"{p}.address")
     return Policy(
-        encrypt=v.choice(t, p, "encrypt", ENCRYPT_POLICIES, "opportunistic"),
-        sign=v.choice(t, p, "sign", SIGN_POLICIES, "encrypted"),
+        encrypt=v.choice(t, p, "encrypt", ENCRYPT_POLICIES, encrypt_default),
+        sign=v.choice(t, p, "sign", SIGN_POLICIES, sign_default),
+        autocrypt=v.boolean(t, p, "autocrypt", None if inherit else True),
+        prefer_encrypt=v.boolean(t, p, "prefer_encrypt", None if inherit else False),
+        domains={key.lower(): rule for key, rule in domains.items()},
+        addresses={normalize_address(key): rule for key, rule in addresses.items()},
     )
+
+
+def _rules(v: _Validator, t: Mapping[str, Any], p: str) -> dict[str, Rule]:
+    rules = {}
+    for key, value in t.items():
+        here = f'{p}."{key}"'
+        if not isinstance(value, Mapping):
+            v.problem(here, _describe(value), 'a table like { encrypt = "always" }')
+            continue
+        v.keys(value, here, {"encrypt", "sign"})
+        rules[key] = Rule(
+            encrypt=v.choice(value, here, "encrypt", ENCRYPT_POLICIES, None),
+            sign=v.choice(value, here, "sign", SIGN_POLICIES, None),
+        )
+    return rules
 
 
 def _accounts(v: _Validator, raw: Any) -> tuple[Account, ...]:
@@ -249,7 +305,7 @@ def _accounts(v: _Validator, raw: Any) -> tuple[Account, ...]:
 
 
 def _account(v: _Validator, t: Mapping[str, Any], p: str, local: LocalListen) -> Account | None:
-    v.keys(t, p, {"name", "addresses", "username", "local", "upstream"})
+    v.keys(t, p, {"name", "addresses", "username", "local", "upstream", "policy"})
     name = v.string(
         t,
         p,
@@ -260,6 +316,9 @@ def _account(v: _Validator, t: Mapping[str, Any], p: str, local: LocalListen) ->
     )
     addresses = _addresses(v, t, p)
     username = v.string(t, p, "username")
+    policy = (
+        _policy(v, v.table(t, "policy", p), f"{p}.policy", inherit=True) if "policy" in t else None
+    )
     upstream = v.table(t, "upstream", p, required=True)
     v.keys(upstream, f"{p}.upstream", {"imap", "smtp"})
     imap = _upstream(
@@ -278,7 +337,13 @@ def _account(v: _Validator, t: Mapping[str, Any], p: str, local: LocalListen) ->
         return None
     assert name is not None and imap is not None and smtp is not None
     return Account(
-        name=name, addresses=addresses, local=local, imap=imap, smtp=smtp, username=username
+        name=name,
+        addresses=addresses,
+        local=local,
+        imap=imap,
+        smtp=smtp,
+        username=username,
+        policy=policy,
     )
 
 
@@ -626,8 +691,8 @@ class _Validator:
             return None
         return value
 
-    def boolean(self, t: Mapping[str, Any], prefix: str, key: str, default: bool) -> bool:
-        return bool(self._get(t, prefix, key, (bool,), "true or false", default))
+    def boolean(self, t: Mapping[str, Any], prefix: str, key: str, default: Any) -> Any:
+        return self._get(t, prefix, key, (bool,), "true or false", default)
 
     def integer(
         self, t: Mapping[str, Any], prefix: str, key: str, default: int, low: int | None = None
@@ -657,17 +722,17 @@ class _Validator:
         return value
 
     def choice(
-        self, t: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...], default: str
-    ) -> str:
+        self, t: Mapping[str, Any], prefix: str, key: str, choices: tuple[str, ...], default: Any
+    ) -> Any:
         value = t.get(key, default)
-        if value not in choices:
+        if value is not None and value not in choices:
             self.problem(
                 self._join(prefix, key),
                 _describe(value),
                 "one of " + ", ".join(f'"{c}"' for c in choices),
             )
             return default
-        return str(value)
+        return value
 
     def path(
         self, t: Mapping[str, Any], prefix: str, key: str, must_exist: bool = True
@@ -733,12 +798,13 @@ def config_as_dict(config: Config) -> dict[str, Any]:
             "log_level": config.proxy.log_level,
             "max_message_size": config.proxy.max_message_size,
         },
-        "policy": {"encrypt": config.policy.encrypt, "sign": config.policy.sign},
+        "policy": _policy_dict(config.policy),
         "account": [
             {
                 "name": a.name,
                 "addresses": list(a.addresses),
                 "username": a.login,
+                **({"policy": _policy_dict(a.policy)} if a.policy else {}),
                 "local": local(a.local),
                 "upstream": {"imap": server(a.imap), "smtp": server(a.smtp)},
             }
@@ -765,6 +831,30 @@ def _toml_scalar(value: Any) -> str:
     return f'"{escaped}"'
 
 
+def _policy_dict(policy: Policy) -> dict[str, Any]:
+    def rules(table: dict[str, Rule]) -> dict[str, Any]:
+        return {
+            k: {f: getattr(r, f) for f in ("encrypt", "sign") if getattr(r, f)}
+            for k, r in table.items()
+        }
+
+    out: dict[str, Any] = {
+        k: v for k, v in (("encrypt", policy.encrypt), ("sign", policy.sign)) if v is not None
+    }
+    for name in ("autocrypt", "prefer_encrypt"):
+        if getattr(policy, name) is not None:
+            out[name] = getattr(policy, name)
+    if policy.domains:
+        out["domain"] = rules(policy.domains)
+    if policy.addresses:
+        out["address"] = rules(policy.addresses)
+    return out
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_scalar(key)
+
+
 def _is_nested(value: Any) -> bool:
     return isinstance(value, Mapping) or (
         isinstance(value, list) and bool(value) and isinstance(value[0], Mapping)
@@ -774,7 +864,7 @@ def _is_nested(value: Any) -> bool:
 def _dump_table(t: Mapping[str, Any], path: list[str], lines: list[str], array_item: bool) -> None:
     has_scalars = any(not _is_nested(v) for v in t.values())
     if path and (array_item or has_scalars):  # a table of only tables needs no header
-        name = ".".join(path)
+        name = ".".join(_toml_key(k) for k in path)
         lines.append("")
         lines.append(f"[[{name}]]" if array_item else f"[{name}]")
     nested = []
@@ -782,7 +872,7 @@ def _dump_table(t: Mapping[str, Any], path: list[str], lines: list[str], array_i
         if _is_nested(value):
             nested.append((key, value))
         else:
-            lines.append(f"{key} = {_toml_scalar(value)}")
+            lines.append(f"{_toml_key(key)} = {_toml_scalar(value)}")
     for key, value in nested:
         if isinstance(value, Mapping):
             _dump_table(value, [*path, key], lines, array_item=False)

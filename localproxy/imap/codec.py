@@ -17,6 +17,24 @@ Literal announcements accepted at the end of a line:
 
 Events are produced lazily by `next_event()`, so a mode switch (`expect_done()`,
 `expect_continuation_line()`) made right after an event applies to bytes already fed.
+
+Adjacent lists. The response grammar writes some lists of lists without a space between
+the members: the sub-bodies of a multipart body (RFC 3501 `body-type-mpart = 1*body SP
+media-subtype ...`), the addresses of an envelope field (`"(" 1*address ")"`), namespace
+descriptors (RFC 2342) and threads (RFC 5256 `thread-list`). Server data is therefore read
+with `(` allowed right after `)` (and nothing else without a space), so Dovecot's
+`(("text" ...)("text" ...) "alternative")` parses. Strict mode (client commands) still
+refuses `)(` with "missing space between arguments": no production of the command grammar
+(RFC 3501, RFC 9051) joins two arguments without SP.
+
+The writer emits the response form: inside a list, the lists that open it are written
+back to back (a multipart body's parts, an address or namespace list) and every other pair
+of tokens is separated by one space (`"rfc822" ... 489 (envelope) (body) 22`,
+`("attachment" (...)) ("de" "en")`), which is Dovecot's output byte for byte. Not covered:
+nested threads after thread members (`(3 6 (4 23)(44 7))`) and lists at the top level of a
+response (`* THREAD (4)(1)`) come out with spaces; the relay forwards such responses as
+received. `build_command` writes the command form (one space between all arguments).
+`fetch_item_spans` gives each FETCH item's exact bytes for splicing.
 """
 
 from __future__ import annotations
@@ -173,12 +191,15 @@ class LiteralSpan:
 
 
 class _Writer:
-    """Serializes tokens and remembers where the literals went."""
+    """Serializes tokens and remembers where the literals went. `command` selects the
+    command form (one space between all tokens) over the response form, in which the
+    lists opening a list are written back to back (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, command: bool = False) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.spans: list[LiteralSpan] = []
+        self.join_lists = not command
 
     def getvalue(self) -> bytes:
         return b"".join(self.parts)
@@ -187,9 +208,11 @@ class _Writer:
         self.parts.append(data)
         self.size += len(data)
 
-    def tokens(self, tokens: Iterable[Token]) -> None:
+    def tokens(self, tokens: Iterable[Token], *, in_list: bool = False) -> None:
+        joined = in_list and self.join_lists  # still in the run of lists opening the list
         for index, token in enumerate(tokens):
-            if index:
+            joined = joined and isinstance(token, PList)
+            if index and not joined:
                 self.write(b" ")
             self.token(token)
 
@@ -211,7 +234,7 @@ class _Writer:
                 self.literal(token)
             case PList(items):
                 self.write(b"(")
-                self.tokens(items)
+                self.tokens(items, in_list=True)
                 self.write(b")")
             case SectionAtom(name, section, partial):
                 self.write(name + b"[")
@@ -232,8 +255,10 @@ class _Writer:
 
 
 def serialize(tokens: Iterable[Token]) -> bytes:
-    """Tokens separated by single spaces; quoted strings via wire.string (which may turn
-    them into literals), literals in the form they carry."""
+    """Tokens in the response form: separated by single spaces, except that the lists
+    opening a list are written back to back (`(("text" ...)("text" ...) "alternative")`,
+    RFC 3501 body-type-mpart). Quoted strings via wire.string (which may turn them into
+    literals), literals in the form they carry."""
     writer = _Writer()
     writer.tokens(tokens)
     return writer.getvalue()
@@ -297,14 +322,24 @@ def _bad_char(byte: int) -> str:
 
 class _Tokenizer:
     """Recursive descent over data[pos:end]. `strict` is for client commands (ASCII atoms,
-    valid UTF-8 in quoted strings, only \\\\ and \\" escapes); `partial` means the data may
-    stop inside a token (a command prefix waiting for a synchronizing literal)."""
+    valid UTF-8 in quoted strings, only \\\\ and \\" escapes, SP between all arguments);
+    `partial` means the data may stop inside a token (a command prefix waiting for a
+    synchronizing literal). Without `copy_literals`, literals come out empty: for finding
+    where tokens end without copying their octets again."""
 
     def __init__(
-        self, data: bytes, pos: int, end: int, *, strict: bool, partial: bool = False
+        self,
+        data: bytes,
+        pos: int,
+        end: int,
+        *,
+        strict: bool,
+        partial: bool = False,
+        copy_literals: bool = True,
     ) -> None:
         self.data, self.pos, self.end = data, pos, end
         self.strict, self.partial = strict, partial
+        self.copy_literals = copy_literals
         self.depth = 0
 
     def sequence(self, closer: int | None = None) -> tuple[Token, ...]:
@@ -321,13 +356,21 @@ class _Tokenizer:
                 self.pos += 1
                 return tuple(items)
             if byte == _SP:  # lenient: runs of spaces, leading and trailing spaces
-                self.pos += 1
+                self.skip_spaces()
                 need_space = False
                 continue
-            if need_space:
+            if need_space and not self._joined(byte, items[-1]):
                 raise ImapSyntaxError("missing space between arguments")
             items.append(self._token(closer))
             need_space = True
+
+    def skip_spaces(self) -> None:
+        while self.pos < self.end and self.data[self.pos] == _SP:
+            self.pos += 1
+
+    def _joined(self, byte: int, previous: Token) -> bool:
+        """`(` right after `)`: lists of lists in server data (module docstring)."""
+        return byte == 0x28 and isinstance(previous, PList) and not self.strict
 
     def _cut_short(self, reason: str) -> Exception:
         return _Incomplete() if self.partial else ImapSyntaxError(reason)
@@ -341,6 +384,12 @@ class _Tokenizer:
             yield
         finally:
             self.depth -= 1
+
+    def token(self, closer: int | None) -> Token:
+        """One token at pos; `closer` is that of the enclosing list or section."""
+        if self.pos >= self.end:
+            raise self._cut_short("argument expected")
+        return self._token(closer)
 
     def _token(self, closer: int | None) -> Token:
         byte = self.data[self.pos]
@@ -381,7 +430,8 @@ class _Tokenizer:
         if stop > self.end:
             raise self._cut_short("literal cut short")
         self.pos = stop
-        return Literal(self.data[start:stop], _form_of(bool(match[1]), match[3]))
+        data = self.data[start:stop] if self.copy_literals else b""
+        return Literal(data, _form_of(bool(match[1]), match[3]))
 
     def _atomish(self, closer: int | None) -> Token:
         in_brackets = closer == 0x5D
@@ -484,7 +534,7 @@ def build_command(
     tag: bytes, name: bytes, args: Sequence[Token] = (), subcommand: bytes | None = None
 ) -> Command:
     """A Command the relay makes itself; send it with `chunks()`."""
-    writer = _Writer()
+    writer = _Writer(command=True)  # the command grammar has SP between all arguments
     writer.write(tag + b" " + name + (b" " + subcommand if subcommand else b""))
     if args:
         writer.write(b" ")
@@ -1440,11 +1490,7 @@ class FetchResponse(NamedTuple):
     items: list[tuple[bytes, Token]]  # (item name as serialized, value)
 
 
-def parse_fetch_response(response: Untagged | Sequence[Token]) -> FetchResponse:
-    """`* 12 FETCH (UID 7 BODY[] {3}...)` -> (12, [(b"UID", Number(7)), (b"BODY[]",
-    Literal(...))]). Names are re-serialized from their tokens, which is byte-exact for
-    the single-space form servers send. Raises ImapSyntaxError."""
-    tokens = response.tokens if isinstance(response, Untagged) else tuple(response)
+def _fetch_pairs(tokens: Sequence[Token]) -> tuple[int, list[tuple[Atom | SectionAtom, Token]]]:
     if (
         len(tokens) != 3
         or not isinstance(tokens[0], Number)
@@ -1456,23 +1502,77 @@ def parse_fetch_response(response: Untagged | Sequence[Token]) -> FetchResponse:
     values = tokens[2].items
     if len(values) % 2:
         raise ImapSyntaxError("FETCH response item without a value")
-    items = []
+    pairs = []
     for name, value in zip(values[::2], values[1::2], strict=True):
         if not isinstance(name, Atom | SectionAtom):
             raise ImapSyntaxError("invalid FETCH response item name")
-        items.append((serialize([name]), value))
-    return FetchResponse(tokens[0].value, items)
+        pairs.append((name, value))
+    return tokens[0].value, pairs
 
 
-def serialize_fetch_response(sequence: int, items: Sequence[tuple[bytes, Token]]) -> bytes:
+def parse_fetch_response(response: Untagged | Sequence[Token]) -> FetchResponse:
+    """`* 12 FETCH (UID 7 BODY[] {3}...)` -> (12, [(b"UID", Number(7)), (b"BODY[]",
+    Literal(...))]). Names are re-serialized from their tokens, which is byte-exact for
+    the single-space form servers send; `fetch_item_spans` has the bytes as received.
+    Raises ImapSyntaxError."""
+    tokens = response.tokens if isinstance(response, Untagged) else tuple(response)
+    sequence, pairs = _fetch_pairs(tokens)
+    return FetchResponse(sequence, [(serialize([name]), value) for name, value in pairs])
+
+
+class FetchItemSpan(NamedTuple):
+    """One `name value` pair of a FETCH response: `name` and `raw` (the value) are the
+    exact bytes received, `name_token` and `value` their tokens."""
+
+    name: bytes
+    raw: bytes
+    name_token: Atom | SectionAtom
+    value: Token
+
+
+def fetch_item_spans(response: Untagged) -> list[FetchItemSpan]:
+    """The items of a FETCH response with their exact bytes, for a relay that passes some
+    on unchanged (`serialize_fetch_response` writes bytes values as they are). The tokens
+    are those of `response`; the raw bytes are found by walking `response.raw` again
+    without copying literal octets. Raises ImapSyntaxError if it is not a FETCH response."""
+    _, pairs = _fetch_pairs(response.tokens)
+    raw = response.raw
+    walker = _Tokenizer(raw, 2, len(raw) - 2, strict=False, copy_literals=False)
+    for _ in range(2):  # the number and FETCH
+        walker.skip_spaces()
+        walker.token(None)
+    walker.skip_spaces()
+    if raw[walker.pos : walker.pos + 1] != b"(":
+        raise ImapSyntaxError("FETCH response bytes do not match its tokens")
+    walker.pos += 1
+    spans = []
+    for name_token, value in pairs:
+        walker.skip_spaces()
+        start = walker.pos
+        walker.token(0x29)
+        name_end = walker.pos
+        walker.skip_spaces()
+        value_start = walker.pos
+        walker.token(0x29)
+        spans.append(
+            FetchItemSpan(raw[start:name_end], raw[value_start : walker.pos], name_token, value)
+        )
+    return spans
+
+
+def serialize_fetch_response(sequence: int, items: Sequence[tuple[bytes, Token | bytes]]) -> bytes:
     """`* seq FETCH (...)` CRLF with UID moved first (clients such as Thunderbird expect
-    it there); strings and literals through wire.py."""
+    it there); strings and literals through wire.py. A bytes value is already encoded
+    (e.g. `FetchItemSpan.raw`) and written as it is."""
     ordered = sorted(items, key=lambda item: item[0].upper() != b"UID")  # stable
     writer = _Writer()
     writer.write(b"* %d FETCH (" % sequence)
     for index, (name, value) in enumerate(ordered):
         writer.write((b" " if index else b"") + name + b" ")
-        writer.token(value)
+        if isinstance(value, bytes):
+            writer.write(value)
+        else:
+            writer.token(value)
     writer.write(b")" + CRLF)
     return writer.getvalue()
 
@@ -1644,6 +1744,7 @@ __all__ = [
     "ContinuationNeeded",
     "Fatal",
     "FetchItem",
+    "FetchItemSpan",
     "FetchRequest",
     "FetchResponse",
     "IdleDone",
@@ -1670,6 +1771,7 @@ __all__ = [
     "build_command",
     "capabilities_of",
     "capability_allowed",
+    "fetch_item_spans",
     "filter_capabilities",
     "parse_fetch_item",
     "parse_fetch_request",

@@ -53,6 +53,7 @@ from localproxy.imap.codec import (
     ContinuationNeeded,
     Fatal,
     FetchItem,
+    FetchItemSpan,
     IdleDone,
     ImapSyntaxError,
     Literal,
@@ -74,13 +75,13 @@ from localproxy.imap.codec import (
     build_command,
     capabilities_of,
     capability_allowed,
+    fetch_item_spans,
     parse_fetch_item,
     parse_fetch_request,
     parse_fetch_response,
     rewrite_capabilities,
-    serialize,
+    serialize_fetch_response,
     status_response,
-    tokenize,
 )
 from localproxy.imap.view import BinaryError, MessageView
 from localproxy.mime import content_type_of, parse_headers, split_header_body
@@ -339,23 +340,18 @@ class _ClientBroken(Exception):
 
 @dataclass
 class _ResponseItem:
-    """One `name value` pair of a FETCH response, both as the provider wrote them."""
+    """One `name value` pair of a FETCH response: name and value as the provider wrote
+    them (spliced unchanged into what the client gets), and the value parsed."""
 
     name: bytes
     value: bytes
+    token: Token
     item: FetchItem | None  # None: a name the codec does not know
     key: ItemKey | None
 
     @property
     def content_derived(self) -> bool:
         return self.item.content_derived if self.item is not None else True
-
-    def token(self) -> Token | None:
-        try:
-            tokens = tokenize(self.value)
-        except ImapSyntaxError:
-            return None
-        return tokens[0] if len(tokens) == 1 else None
 
 
 # --------------------------------------------------------------------------- the session
@@ -721,7 +717,7 @@ class ImapSession:
             case Continuation():
                 self._on_continuation(event)
             case Unparsed():
-                await self._on_unparsed(event)
+                self._on_unparsed(event)
             case Fatal(reason=reason):
                 raise _UpstreamBroken(f"unusable response from the provider: {reason}")
 
@@ -733,7 +729,7 @@ class ImapSession:
             self._on_uidvalidity(response.code)
         if response.status is None:
             if response.name == b"FETCH":
-                await self._on_fetch_response(response.raw)
+                await self._on_fetch_response(response)
                 return
             if response.name in (b"LIST", b"XLIST"):
                 self._learn_special_use(response)
@@ -819,11 +815,9 @@ class ImapSession:
             self.client.expect_command()
             self.client_mode = None
 
-    async def _on_unparsed(self, response: Unparsed) -> None:
-        # The codec refuses multipart BODYSTRUCTUREs as Dovecot writes them ("(...)(...)",
-        # no space between the parts); the relay's own splitter reads them.
+    def _on_unparsed(self, response: Unparsed) -> None:
         if _FETCH_HEAD.match(response.raw):
-            await self._on_fetch_response(response.raw)
+            self._unreadable_fetch(response.raw)
             return
         self._to_client(response.raw)
 
@@ -848,15 +842,20 @@ class ImapSession:
 
     # -- FETCH: the responses -------------------------------------------------------------------
 
-    async def _on_fetch_response(self, raw: bytes) -> None:
+    def _unreadable_fetch(self, raw: bytes) -> None:
+        """A FETCH response that breaks the grammar: it may carry content, so a rewritten
+        FETCH fails rather than pass it on; an unsolicited one goes out as it came."""
+        log.warning("%s unreadable FETCH response from the provider", self.name)
+        if self.fetch is not None:
+            self.fetch.fail("unreadable FETCH response from the provider")
+        else:
+            self._to_client(raw)
+
+    async def _on_fetch_response(self, response: Untagged) -> None:
         context = self.fetch
-        parsed = split_fetch_response(raw)
+        parsed = _response_items(response)
         if parsed is None:
-            log.warning("%s unreadable FETCH response from the provider", self.name)
-            if context is not None:
-                context.fail("unreadable FETCH response from the provider")
-            else:
-                self._to_client(raw)
+            self._unreadable_fetch(response.raw)
             return
         sequence, items = parsed
         # Only a response carrying the probes answers the rewritten command; others (an
@@ -868,7 +867,7 @@ class ImapSession:
         # plain message from an encrypted one: the view is always right.
         plain = ours and not _needs_view(items)
         if not content or plain:
-            self._forward_fetch(raw, sequence, items, added)
+            self._forward_fetch(response.raw, sequence, items, added)
         else:
             await self._serve_view(sequence, items, added, context)
 
@@ -881,7 +880,7 @@ class ImapSession:
         if len(kept) == len(items):
             self._to_client(raw)
         else:
-            self._to_client(_join_fetch(sequence, [(i.name, i.value) for i in kept]))
+            self._to_client(serialize_fetch_response(sequence, [(i.name, i.value) for i in kept]))
 
     async def _serve_view(
         self,
@@ -891,6 +890,7 @@ class ImapSession:
         context: FetchContext | None,
     ) -> None:
         uid = _uid_of(items)
+        served: list[tuple[bytes, Token | bytes]]
         try:
             view = await self._view(uid, _whole_message(items))
             served = _view_items(view, items, added, context)
@@ -907,7 +907,7 @@ class ImapSession:
             served = [(i.name, i.value) for i in items if not i.content_derived]
             if not served:
                 return
-        self._to_client(_join_fetch(sequence, served))
+        self._to_client(serialize_fetch_response(sequence, served))
 
     async def _view(self, uid: int | None, stored: bytes | None) -> MessageView:
         """The cached view of a message, built from `stored` (the whole message, when the
@@ -971,113 +971,29 @@ def _upstream_fetch_items(
     return tokens, added
 
 
-_FETCH_HEAD = re.compile(rb"\* (\d{1,10}) FETCH \(", re.I)
-_LITERAL_HEAD = re.compile(rb"~?\{(\d{1,19})[+-]?\}\r\n")
-_MAX_NESTING = 100
+# An Unparsed event that is a FETCH response (see _on_unparsed)
+_FETCH_HEAD = re.compile(rb"\* +\d+ +FETCH\b", re.I)
 
 
-class _Scanner:
-    """Finds where tokens end in a server response (quoted strings, literals, lists,
-    atoms with [sections]) without building them. Raises ValueError on broken input."""
-
-    def __init__(self, data: bytes, end: int) -> None:
-        self.data, self.end = data, end
-
-    def spaces(self, pos: int) -> int:
-        while pos < self.end and self.data[pos] == 0x20:
-            pos += 1
-        return pos
-
-    def token(self, pos: int, depth: int = 0, closer: int = 0x29) -> int:
-        if pos >= self.end or depth > _MAX_NESTING:
-            raise ValueError("token expected")
-        byte = self.data[pos]
-        if byte == 0x28:  # (
-            return self.sequence(pos + 1, 0x29, depth + 1)
-        if byte == 0x22:  # "
-            return self.quoted(pos)
-        literal = _LITERAL_HEAD.match(self.data, pos, self.end)
-        if literal is not None:
-            stop = literal.end() + int(literal[1])
-            if stop > self.end:
-                raise ValueError("literal cut short")
-            return stop
-        return self.atom(pos, depth, closer)
-
-    def sequence(self, pos: int, closer: int, depth: int) -> int:
-        """Tokens up to `closer`; adjacent lists need no space between them."""
-        while True:
-            pos = self.spaces(pos)
-            if pos >= self.end:
-                raise ValueError("list not closed")
-            if self.data[pos] == closer:
-                return pos + 1
-            pos = self.token(pos, depth, closer)
-
-    def quoted(self, pos: int) -> int:
-        index = pos + 1
-        while index < self.end:
-            byte = self.data[index]
-            if byte == 0x5C:  # backslash
-                index += 2
-            elif byte == 0x22:
-                return index + 1
-            else:
-                index += 1
-        raise ValueError("quoted string not closed")
-
-    def atom(self, pos: int, depth: int, closer: int) -> int:
-        index = pos
-        while index < self.end:
-            byte = self.data[index]
-            if byte in (0x20, 0x28, 0x29) or byte == closer:
-                break
-            if byte == 0x5B:  # [section], which may hold spaces and lists
-                index = self.sequence(index + 1, 0x5D, depth + 1)
-            else:
-                index += 1
-        if index == pos:
-            raise ValueError("atom expected")
-        return index
-
-
-def split_fetch_response(raw: bytes) -> tuple[int, list[_ResponseItem]] | None:
-    """`* n FETCH (name value ...)` split into its pairs, each as raw bytes, so items the
+def _response_items(response: Untagged) -> tuple[int, list[_ResponseItem]] | None:
+    """The pairs of `* n FETCH (name value ...)`, each with its exact bytes, so items the
     relay does not change are forwarded byte for byte. None if it is not readable."""
-    head = _FETCH_HEAD.match(raw)
-    if head is None or not raw.endswith(b")\r\n"):
-        return None
-    end = len(raw) - 3
-    scanner = _Scanner(raw, end)
-    items: list[_ResponseItem] = []
     try:
-        pos = scanner.spaces(head.end())
-        while pos < end:
-            name_end = scanner.atom(pos, 0, 0x29)
-            if raw[name_end : name_end + 1] != b" ":
-                raise ValueError("item without a value")
-            value_end = scanner.token(name_end + 1)
-            items.append(_response_item(raw[pos:name_end], raw[name_end + 1 : value_end]))
-            pos = scanner.spaces(value_end)
-    except ValueError:
+        spans = fetch_item_spans(response)
+    except ImapSyntaxError:
         return None
-    return int(head[1]), items
+    sequence = response.number
+    assert sequence is not None  # fetch_item_spans checked the response's form
+    return sequence, [_response_item(span) for span in spans]
 
 
-def _response_item(name: bytes, value: bytes) -> _ResponseItem:
+def _response_item(span: FetchItemSpan) -> _ResponseItem:
     try:
-        tokens = tokenize(name)
-        item = parse_fetch_item(tokens[0], response=True) if len(tokens) == 1 else None
+        item: FetchItem | None = parse_fetch_item(span.name_token, response=True)
     except ImapSyntaxError:
         item = None
-    return _ResponseItem(name, value, item, item_key(item) if item is not None else None)
-
-
-def _join_fetch(sequence: int, items: list[tuple[bytes, bytes]]) -> bytes:
-    """A FETCH response from encoded pairs, UID first (Thunderbird expects it there)."""
-    ordered = sorted(items, key=lambda item: item[0].upper() != b"UID")
-    body = b" ".join(name + b" " + value for name, value in ordered)
-    return b"* %d FETCH (%s)\r\n" % (sequence, body)
+    key = item_key(item) if item is not None else None
+    return _ResponseItem(span.name, span.raw, span.value, item, key)
 
 
 _WHOLE_MESSAGE_KEYS = (("BODY", ((), None, ()), None), ("RFC822", None, None))
@@ -1087,15 +1003,14 @@ def _whole_message(items: list[_ResponseItem]) -> bytes | None:
     """The stored message itself, if the response carries it whole (BODY[] or RFC822)."""
     for entry in items:
         if entry.key in _WHOLE_MESSAGE_KEYS:
-            return _string_value(entry.token())
+            return _string_value(entry.token)
     return None
 
 
 def _uid_of(items: list[_ResponseItem]) -> int | None:
     for entry in items:
         if entry.key == UID_KEY:
-            token = entry.token()
-            return token.value if isinstance(token, Number) else None
+            return entry.token.value if isinstance(entry.token, Number) else None
     return None
 
 
@@ -1110,7 +1025,7 @@ def _string_value(value: Token | None) -> bytes | None:
 def _needs_view(items: list[_ResponseItem]) -> bool:
     """From the probes: must this message be served from a view? Unknown means yes: the
     view is always right, only slower."""
-    probes = {i.key: _string_value(i.token()) for i in items if i.key in _PROBE_KEYS}
+    probes = {i.key: _string_value(i.token) for i in items if i.key in _PROBE_KEYS}
     header = probes.get(HEADER_PROBE_KEY)
     if header is None:
         return True
@@ -1160,10 +1075,10 @@ def _view_items(
     items: list[_ResponseItem],
     added: set[ItemKey],
     context: FetchContext | None,
-) -> list[tuple[bytes, bytes]]:
+) -> list[tuple[bytes, Token | bytes]]:
     """The response with every content item computed from the view, names and metadata
-    as the provider sent them, the relay's own additions removed."""
-    served: list[tuple[bytes, bytes]] = []
+    as the provider sent them (bytes), the relay's own additions removed."""
+    served: list[tuple[bytes, Token | bytes]] = []
     for entry in items:
         if entry.key in added:
             continue
@@ -1175,7 +1090,7 @@ def _view_items(
         if value is None:
             log.warning("cannot compute FETCH item %r from a view; left out", entry.name)
             continue
-        served.append((entry.name, serialize([value])))
+        served.append((entry.name, value))
     return served
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,7 +106,12 @@ class KeyStore:
         self.data_dir = data_dir
         self.engine = engine or default_engine()
         self._store_key = store_key
-        self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        # One connection shared by the event loop and worker threads (crypto runs in
+        # threads); the lock serializes statements and keeps transactions whole.
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.path, timeout=10, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
@@ -126,21 +132,26 @@ class KeyStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front: a concurrent writer waits
         # (busy_timeout) instead of failing half-way through a merge.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, query: str, args: tuple[str, ...] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
 
     @property
     def store_key(self) -> StoreKey:
         if self._store_key is None:
             # Sealed keys exist: a missing store key is a loss to report, never a
             # reason to mint a new key that cannot open them.
-            has_sealed = self._db.execute("SELECT 1 FROM own_keys LIMIT 1").fetchone()
-            self._store_key = load_store_key(self.data_dir, create=has_sealed is None)
+            has_sealed = self._rows("SELECT 1 FROM own_keys LIMIT 1")
+            self._store_key = load_store_key(self.data_dir, create=not has_sealed)
         return self._store_key
 
     def _box(self) -> SecretBox:
@@ -149,23 +160,23 @@ class KeyStore:
     # ----------------------------------------------------------------------- queries
 
     def certs(self) -> list[StoredCert]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
             "LEFT JOIN own_keys o USING (fingerprint) ORDER BY o.account IS NULL, c.added"
         )
         return [self._stored(*row) for row in rows]
 
     def cert(self, fingerprint: str) -> StoredCert | None:
-        row = self._db.execute(
+        rows = self._rows(
             "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
             "LEFT JOIN own_keys o USING (fingerprint) WHERE c.fingerprint = ?",
             (fingerprint.upper().replace(" ", ""),),
-        ).fetchone()
-        return self._stored(*row) if row else None
+        )
+        return self._stored(*rows[0]) if rows else None
 
     def find(self, address: str) -> list[StoredCert]:
         """Every certificate with a valid user ID for this address, newest first."""
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
             "JOIN cert_addresses a USING (fingerprint) "
             "LEFT JOIN own_keys o USING (fingerprint) WHERE a.address = ?",
@@ -195,7 +206,7 @@ class KeyStore:
             args = (account,)
         box = self._box()
         result = []
-        for data, source, added, updated, acct, sealed, fpr in self._db.execute(query, args):
+        for data, source, added, updated, acct, sealed, fpr in self._rows(query, args):
             secret = box.open(sealed, f"own-key:{fpr}".encode())
             result.append((self._stored(data, source, added, updated, acct), secret))
         return result

@@ -34,9 +34,14 @@ from localproxy.imap.codec import (
     ServerParser,
     Tagged,
     Token,
+    Unparsed,
     Untagged,
+    fetch_item_spans,
+    parse_fetch_response,
+    serialize_fetch_response,
+    serialize_untagged,
 )
-from localproxy.imap.relay import ImapProxy, MessageContext, split_fetch_response
+from localproxy.imap.relay import ImapProxy, MessageContext
 from tests.harness.provider import Provider
 
 pytestmark = pytest.mark.e2e
@@ -86,6 +91,38 @@ ENCRYPTED = (
     b"bm90IHJlYWxseSBjaXBoZXJ0ZXh0\r\n"
     b"-----END PGP MESSAGE-----\r\n"
     b"--enc--\r\n"
+)
+MULTIPART = (
+    b"From: Bob <bob@example.org>\r\n"
+    b"To: Alice <alice@example.org>, Carol <carol@example.org>\r\n"
+    b"Subject: Fwd: multipart\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="outer"\r\n'
+    b"\r\n"
+    b"--outer\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"See below.\r\n"
+    b"--outer\r\n"
+    b"Content-Type: message/rfc822\r\n"
+    b'Content-Disposition: attachment; filename="fwd.eml"\r\n'
+    b"\r\n"
+    b"From: Dave <dave@example.net>\r\n"
+    b"Subject: inner\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/alternative; boundary="inner"\r\n'
+    b"\r\n"
+    b"--inner\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"hello\r\n"
+    b"--inner\r\n"
+    b"Content-Type: text/html\r\n"
+    b"Content-Language: en, de\r\n"
+    b"\r\n"
+    b"<p>hello</p>\r\n"
+    b"--inner--\r\n"
+    b"--outer--\r\n"
 )
 _ATTACHMENT = base64.encodebytes(bytes(range(256)) * 400).replace(b"\n", b"\r\n")
 CLEARTEXT = (
@@ -263,10 +300,9 @@ class RawImap:
         """FETCH responses as {item name: value}, raw bytes under b"RAW"."""
         out = []
         for event in self.ok(text):
-            # the relay's splitter, as the codec refuses Dovecot's multipart BODYSTRUCTURE
-            parsed = split_fetch_response(event.raw)
-            if parsed is not None:
-                items = {item.name.upper(): item.token() for item in parsed[1]}
+            assert not isinstance(event, Unparsed), event  # multipart BODYSTRUCTUREs included
+            if isinstance(event, Untagged) and event.status is None and event.name == b"FETCH":
+                items = {name.upper(): value for name, value in parse_fetch_response(event).items}
                 out.append(items | {b"RAW": event.raw})
         return out
 
@@ -315,6 +351,37 @@ def test_plain_session_is_identical_to_direct_access(relay: ProxyThread, clean_p
     via_relay, direct = results
     assert via_relay == direct
     assert via_relay[1][1][0][1] == PLAIN  # the literal, byte for byte
+
+
+def test_multipart_bodystructure_is_parsed_and_passed_on_exactly(
+    relay: ProxyThread, clean_provider: Provider
+):
+    clean_provider.append("alice", MULTIPART)
+    items = b"(UID ENVELOPE BODY BODYSTRUCTURE)"
+    via_relay = RawImap.to_relay(relay).login(clean_provider)
+    direct = RawImap.to_dovecot(clean_provider).login(clean_provider)
+    try:
+        answers = []
+        for conn in (via_relay, direct):
+            conn.ok(b"EXAMINE INBOX")
+            events, tagged = conn.command(b"FETCH 1 " + items)
+            assert tagged.status == b"OK"
+            (event,) = events
+            assert isinstance(event, Untagged), event  # the codec reads Dovecot's form
+            answers.append(event)
+    finally:
+        via_relay.close()
+        direct.close()
+    relayed, dovecot = answers
+    # sub-bodies and addresses back to back; rfc822 envelope and body, dsp and lang spaced
+    for form in (b' 0)("message" ', b'.org")("Carol" ', b"NIL) ((", b'NIL ("en" "de") NIL)'):
+        assert form in dovecot.raw, form
+    assert relayed.raw == dovecot.raw  # probes removed, every item spliced byte for byte
+    assert serialize_untagged(dovecot.tokens) == dovecot.raw
+    assert serialize_fetch_response(*parse_fetch_response(dovecot)) == dovecot.raw
+    spans = fetch_item_spans(dovecot)
+    assert [s.name for s in spans] == [b"UID", b"ENVELOPE", b"BODY", b"BODYSTRUCTURE"]
+    assert b" ".join(s.name + b" " + s.raw for s in spans) == dovecot.raw[len(b"* 1 FETCH (") : -3]
 
 
 def test_greeting_and_capabilities_are_filtered(relay: ProxyThread, clean_provider: Provider):

@@ -56,7 +56,7 @@ HOST = "127.0.0.1"
 STRICT_HOST = "127.0.0.2"  # same listeners, but Dovecot does not treat it as "secure"
 HOSTNAME = "localhost"  # the name in the server certificate
 DOMAIN = "example.org"
-USER_NAMES = ("alice", "bob", "carol")
+USER_NAMES = ("alice", "bob", "carol", "dave")
 MESSAGE_SIZE_LIMIT = 30 * 1024 * 1024
 MAIL_ACCOUNT = "mail"  # system user that owns the maildirs
 # Created automatically and flagged for RFC 6154 SPECIAL-USE.

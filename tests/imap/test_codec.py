@@ -34,10 +34,12 @@ from localproxy.imap.codec import (
     SequenceSet,
     ServerParser,
     Tagged,
+    Token,
     Unparsed,
     Untagged,
     build_command,
     capabilities_of,
+    fetch_item_spans,
     filter_capabilities,
     parse_fetch_item,
     parse_fetch_request,
@@ -283,6 +285,8 @@ def test_literal_minus_limit_for_non_synchronizing_literals():
         (b'a1 LOGIN "open\r\n', b"a1", "quoted"),
         (b'a1 LOGIN "a\\x"\r\n', b"a1", "quoted"),
         (b'a1 LOGIN "a""b"\r\n', b"a1", "space"),
+        (b"a1 SEARCH (FROM a)(TO b)\r\n", b"a1", "space"),  # no list of lists in commands
+        (b"a1 SEARCH ((FROM a)(TO b))\r\n", b"a1", "space"),
         (b"a1 LOGIN {3}x\r\n", b"a1", "literal"),
         (b"a1\r\n", b"a1", "command name"),
         (b"a1 N(OOP\r\n", b"a1", "command name"),
@@ -456,6 +460,139 @@ def test_untagged_data_responses():
     assert events[1].tokens[-1] == Atom(b"[Gmail]/Sent")
     assert capabilities_of(events[2]) == [b"IMAP4rev1", b"IDLE"]
     assert events[3].tokens[-1] == Literal(b"IN)BX")
+
+
+# Verbatim from Dovecot 2.3 (tests/e2e/test_view_vs_dovecot.py's "forwarded" message):
+# sub-bodies back to back, message/rfc822 envelope and body separated by spaces.
+DOVECOT_MULTIPART = (
+    b'* 3 FETCH (UID 3 ENVELOPE (NIL "Fwd: something" ((NIL NIL "a" "example.org")) ((NIL '
+    b'NIL "a" "example.org")) ((NIL NIL "a" "example.org")) NIL NIL NIL NIL NIL) BODY '
+    b'(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 10 0)("message" "rfc822" NIL '
+    b'NIL NIL "7bit" 489 ("Tue, 2 Jan 2024 08:00:00 +0100" '
+    b'"=?utf-8?q?Weitergeleitet_=C3=BC?=" (("Inner Sender" NIL "inner" "example.net")) '
+    b'(("Inner Sender" NIL "inner" "example.net")) (("Inner Sender" NIL "inner" '
+    b'"example.net")) ((NIL NIL "outer" "example.org")) NIL NIL NIL "<inner@example.net>") '
+    b'(("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 23 2)("text" "html" ("charset" '
+    b'"utf-8") NIL NIL "quoted-printable" 41 2) "alternative") 22)("image" "png" ("name" '
+    b'"dot.png") "<dot@example.org>" NIL "base64" 98) "mixed") BODYSTRUCTURE (("text" '
+    b'"plain" ("charset" "us-ascii") NIL NIL "7bit" 10 0 NIL NIL NIL NIL)("message" "rfc822" '
+    b'NIL NIL NIL "7bit" 489 ("Tue, 2 Jan 2024 08:00:00 +0100" '
+    b'"=?utf-8?q?Weitergeleitet_=C3=BC?=" (("Inner Sender" NIL "inner" "example.net")) '
+    b'(("Inner Sender" NIL "inner" "example.net")) (("Inner Sender" NIL "inner" '
+    b'"example.net")) ((NIL NIL "outer" "example.org")) NIL NIL NIL "<inner@example.net>") '
+    b'(("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 23 2 NIL NIL NIL NIL)("text" '
+    b'"html" ("charset" "utf-8") NIL NIL "quoted-printable" 41 2 NIL NIL NIL NIL) '
+    b'"alternative" ("boundary" "inner-b") NIL NIL NIL) 22 NIL ("attachment" ("filename" '
+    b'"fwd.eml")) NIL NIL)("image" "png" ("name" "dot.png") "<dot@example.org>" NIL "base64" '
+    b'98 NIL ("inline" ("filename" "dot.png")) NIL NIL) "mixed" ("boundary" "outer") NIL NIL '
+    b"NIL))\r\n"
+)
+
+
+def test_dovecot_multipart_bodystructure_parses_and_round_trips():
+    (event,) = server_events(DOVECOT_MULTIPART)
+    assert isinstance(event, Untagged), event
+    response = parse_fetch_response(event)
+    assert [name for name, _ in response.items] == [b"UID", b"ENVELOPE", b"BODY", b"BODYSTRUCTURE"]
+    body = response.items[3][1]
+    assert isinstance(body, PList)
+    message, subtype, parameters = body.items[1], body.items[3], body.items[4]
+    assert subtype == Quoted(b"mixed")
+    assert parameters == PList((Quoted(b"boundary"), Quoted(b"outer")))
+    assert isinstance(message, PList)
+    assert message.items[:2] == (Quoted(b"message"), Quoted(b"rfc822"))
+    inner = message.items[8]  # the body of the attached message: multipart/alternative
+    assert isinstance(inner, PList) and inner.items[2] == Quoted(b"alternative")
+    assert serialize_untagged(event.tokens) == DOVECOT_MULTIPART
+    assert serialize_fetch_response(*response) == DOVECOT_MULTIPART
+    spans = fetch_item_spans(event)
+    assert b" ".join(s.name + b" " + s.raw for s in spans) == DOVECOT_MULTIPART[11:-3]
+    assert [s.value for s in spans] == [value for _, value in response.items]
+    for cut in range(1, len(DOVECOT_MULTIPART)):  # chunking invariance
+        parser = ServerParser()
+        parser.feed(DOVECOT_MULTIPART[:cut])
+        early = list(parser)
+        parser.feed(DOVECOT_MULTIPART[cut:])
+        assert early + list(parser) == [event]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # envelope address lists (RFC 3501 env-from = "(" 1*address ")")
+        b'* 4 FETCH (ENVELOPE (NIL "s" (("Doe, John" NIL "john" "example.org")(NIL NIL "jo" '
+        b'"x.y")) NIL NIL ((NIL NIL "g" NIL)(NIL NIL "a" "b.c")(NIL NIL NIL NIL)) NIL NIL NIL '
+        b"NIL))\r\n",
+        # nested multiparts open with their first part: "(((((("
+        b'* 6 FETCH (BODY ((("text" "plain" NIL NIL NIL "7bit" 2 1)("text" "html" NIL NIL NIL '
+        b'"7bit" 4 1) "alternative")("image" "png" NIL NIL NIL "base64" 98) "related"))\r\n',
+        b'* NAMESPACE (("" "/")("Shared/" "/")) NIL NIL\r\n',
+        # body-fld-dsp SP body-fld-lang: two lists with a space, after other items
+        b'* 5 FETCH (BODYSTRUCTURE ("text" "plain" ("format" "flowed") NIL NIL "7bit" 6 1 NIL '
+        b'("inline" ("w" "x")) ("en-US" "de") NIL))\r\n',
+    ],
+)
+def test_lists_of_lists_round_trip(raw: bytes):
+    (event,) = server_events(raw)
+    assert isinstance(event, Untagged), event
+    assert serialize_untagged(event.tokens) == raw
+
+
+def test_adjacent_lists_only_where_the_grammar_has_them():
+    assert tokenize(b"(a)(b)") == (PList((Atom(b"a"),)), PList((Atom(b"b"),)))
+    for joined in (b"(a)b", b'(a)"b"', b'"a"(b)', b"a(b)", b"(a){1}\r\nb", b"BODY[](a)"):
+        with pytest.raises(ImapSyntaxError, match="space"):
+            tokenize(joined)
+    with pytest.raises(ImapSyntaxError, match="space"):
+        tokenize(b"(a)(b)", strict=True)
+    # threads (RFC 5256) parse; nested threads after members are written with a space
+    (thread,) = server_events(b"* THREAD (4)(1 (2)(3))\r\n")
+    assert isinstance(thread, Untagged) and len(thread.tokens) == 3
+    assert serialize_untagged(thread.tokens) == b"* THREAD (4) (1 (2) (3))\r\n"
+
+
+def test_writer_joins_only_the_lists_opening_a_list():
+    a, b = PList((Atom(b"a"),)), PList((Atom(b"b"),))
+    assert serialize([PList((a, b, Quoted(b"x"), a, b))]) == b'((a)(b) "x" (a) (b))'
+    assert serialize([PList((PList((a, b)), PList(())))]) == b"(((a)(b))())"
+    assert serialize([a, b]) == b"(a) (b)"  # top level: arguments, not list members
+    section = SectionAtom(b"BODY", (Atom(b"HEADER.FIELDS"), a))
+    assert serialize([section]) == b"BODY[HEADER.FIELDS (a)]"
+    # commands keep the command grammar: SP between every pair of arguments
+    command = build_command(b"t", b"SEARCH", [PList((a, b))])
+    assert command.raw == b"t SEARCH ((a) (b))\r\n"
+    assert one_command(command.raw).args == command.args
+
+
+def test_fetch_item_spans_are_exact():
+    raw = (
+        b'* 3 FETCH ( UID 9  FLAGS (\\Seen)  BODY[HEADER.FIELDS (SUBJECT "X-A")] '
+        b"{13}\r\nSubject: )(\r\n BODY[]<0> ~{2}\r\n\x00) X-GM-LABELS (a)(b) )\r\n"
+    )
+    (event,) = server_events(raw)
+    assert isinstance(event, Untagged)
+    with pytest.raises(ImapSyntaxError):  # "(a)(b)": one value too many
+        fetch_item_spans(event)
+    raw = raw.replace(b" X-GM-LABELS (a)(b)", b" X-GM-LABELS ((a)(b))")
+    (event,) = server_events(raw)
+    spans = fetch_item_spans(event)
+    assert [(s.name, s.raw) for s in spans] == [
+        (b"UID", b"9"),
+        (b"FLAGS", b"(\\Seen)"),
+        (b'BODY[HEADER.FIELDS (SUBJECT "X-A")]', b"{13}\r\nSubject: )(\r\n"),
+        (b"BODY[]<0>", b"~{2}\r\n\x00)"),
+        (b"X-GM-LABELS", b"((a)(b))"),
+    ]
+    assert spans[3].value == Literal(b"\x00)", LiteralForm.BINARY)  # octets from the parse
+    assert spans[2].name_token == SectionAtom(
+        b"BODY", (Atom(b"HEADER.FIELDS"), PList((Atom(b"SUBJECT"), Quoted(b"X-A"))))
+    )
+    for not_fetch in (b"* 1 EXISTS\r\n", b"* 1 FETCH (UID)\r\n"):
+        with pytest.raises(ImapSyntaxError):
+            fetch_item_spans(server_events(not_fetch)[0])
+    assert serialize_fetch_response(3, [(s.name, s.raw) for s in spans]) == (
+        b"* 3 FETCH (UID 9 FLAGS (\\Seen) " + raw[raw.index(b"BODY[HEADER") : -4] + b")\r\n"
+    )
 
 
 def test_unparsable_server_lines_keep_framing():
@@ -788,6 +925,74 @@ def token_strategy(literal_forms: list[LiteralForm]):
 
 client_tokens = token_strategy(list(LiteralForm))
 server_tokens = token_strategy([LiteralForm.SYNC, LiteralForm.BINARY])
+
+# Dovecot-style BODY / BODYSTRUCTURE values, as (token, bytes) with the bytes written the way
+# Dovecot's imap-bodystructure.c does, independently of the codec's writer: sub-bodies back
+# to back, everything else separated by one space. Envelopes too (address lists back to back).
+Encoded = tuple[Token, bytes]
+NIL_ENCODED: Encoded = (NIL, b"NIL")
+
+
+def _quote(value: bytes) -> Encoded:
+    return Quoted(value), b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _list(items: list[Encoded], separator: bytes = b" ") -> Encoded:
+    return PList(tuple(t for t, _ in items)), b"(" + separator.join(b for _, b in items) + b")"
+
+
+strings = st.text('abcXYZ 09-=?_.@<>"\\/', max_size=12).map(lambda t: _quote(t.encode()))
+nstrings = st.one_of(st.just(NIL_ENCODED), strings)
+counts = st.integers(0, 10**6).map(lambda n: (Number(n), b"%d" % n))
+params = st.one_of(
+    st.just(NIL_ENCODED),
+    st.lists(st.tuples(strings, strings), min_size=1, max_size=3).map(
+        lambda pairs: _list([item for pair in pairs for item in pair])
+    ),
+)
+dispositions = st.one_of(
+    st.just(NIL_ENCODED), st.tuples(strings, params).map(lambda d: _list(list(d)))
+)
+languages = st.one_of(
+    nstrings, st.lists(strings, min_size=1, max_size=3).map(lambda langs: _list(langs))
+)
+addresses = st.one_of(
+    st.just(NIL_ENCODED),
+    st.lists(st.lists(nstrings, min_size=4, max_size=4).map(_list), min_size=1, max_size=3).map(
+        lambda group: _list(group, b"")
+    ),
+)
+envelopes = st.tuples(nstrings, nstrings, *[addresses] * 6, nstrings, nstrings).map(
+    lambda fields: _list(list(fields))
+)
+
+
+@st.composite
+def bodies(draw, extended: bool, depth: int = 0) -> Encoded:
+    kinds = ["text", "other"] + (["message", "multipart", "multipart"] if depth < 3 else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "multipart":
+        parts = draw(st.lists(bodies(extended, depth + 1), min_size=1, max_size=3))
+        fields = [draw(strings)]
+        if extended:
+            fields += [draw(params), draw(dispositions), draw(languages), draw(nstrings)]
+        token = PList(tuple(t for t, _ in parts) + tuple(t for t, _ in fields))
+        data = b"".join(b for _, b in parts) + b" " + b" ".join(b for _, b in fields)
+        return token, b"(" + data + b")"
+    media = {"text": (b"text", b"plain"), "other": (b"image", b"png")}
+    kind_type, subtype = media.get(kind, (b"message", b"rfc822"))
+    fields = [_quote(kind_type), _quote(subtype), draw(params), draw(nstrings), draw(nstrings)]
+    fields += [draw(strings), draw(counts)]  # encoding, size
+    if kind == "text":
+        fields.append(draw(counts))
+    elif kind == "message":
+        fields += [draw(envelopes), draw(bodies(extended, depth + 1)), draw(counts)]
+    if extended:
+        fields += [draw(nstrings), draw(dispositions), draw(languages), draw(nstrings)]
+    return _list(fields)
+
+
+body_values = st.booleans().flatmap(lambda extended: bodies(extended))
 tags = st.text("abcdefgh0123456789.", min_size=1, max_size=6).map(str.encode)
 
 
@@ -840,7 +1045,8 @@ def test_client_chunking_invariance_and_raw_concatenation(data):
 
 @st.composite
 def server_responses(draw) -> bytes:
-    kind = draw(st.sampled_from(["data", "fetch", "tagged", "untagged-status", "continuation"]))
+    kinds = ["data", "fetch", "bodystructure", "tagged", "untagged-status", "continuation"]
+    kind = draw(st.sampled_from(kinds))
     text = draw(st.text("abc XYZ{}[]()*+0123", max_size=20).map(str.encode)).strip()
     text = text.lstrip(b"[")  # "[" right after the status starts a response code
     code = draw(
@@ -859,6 +1065,9 @@ def server_responses(draw) -> bytes:
         return serialize_untagged(
             [Number(draw(st.integers(1, 99))), Atom(b"FETCH"), PList(sum(items, ()))]
         )
+    if kind == "bodystructure":
+        _, body = draw(body_values)
+        return b"* 3 FETCH (UID 9 BODYSTRUCTURE " + body + b")\r\n"
     if kind == "tagged":
         return status_response(
             draw(tags), draw(st.sampled_from([b"OK", b"NO", b"BAD"])), text, code
@@ -902,6 +1111,28 @@ def test_fetch_response_serialize_parse_round_trip(data):
     raw = serialize_fetch_response(7, uid + rest)
     (event,) = server_events(raw)
     assert serialize_fetch_response(*parse_fetch_response(event)) == raw
+
+
+@FAST
+@given(body_values, envelopes, st.data())
+def test_dovecot_style_bodystructure_round_trip(body: Encoded, envelope: Encoded, data):
+    (body_token, body_bytes), (envelope_token, envelope_bytes) = body, envelope
+    assert serialize([body_token]) == body_bytes  # the writer emits Dovecot's form
+    assert tokenize(body_bytes) == (body_token,)
+    items = [(b"UID", Number(9)), (b"ENVELOPE", envelope_token), (b"BODYSTRUCTURE", body_token)]
+    raw = serialize_fetch_response(5, items)
+    assert raw == b"* 5 FETCH (UID 9 ENVELOPE %s BODYSTRUCTURE %s)\r\n" % (
+        envelope_bytes,
+        body_bytes,
+    )
+    events = drain(ServerParser(), data.draw(chunked(raw)))
+    assert events == server_events(raw)
+    (event,) = events
+    assert isinstance(event, Untagged) and event.raw == raw
+    assert parse_fetch_response(event) == (5, items)
+    assert serialize_fetch_response(*parse_fetch_response(event)) == raw
+    spans = fetch_item_spans(event)
+    assert [s.raw for s in spans] == [b"9", envelope_bytes, body_bytes]
 
 
 NOISE = st.lists(

@@ -26,15 +26,19 @@ from localproxy.imap.codec import (
     ContinuationNeeded,
     IdleDone,
     Literal,
+    LiteralForm,
     Number,
     PList,
     SequenceSet,
     ServerParser,
     Tagged,
+    Unparsed,
     Untagged,
     astring_value,
     parse_fetch_request,
+    parse_fetch_response,
     serialize,
+    serialize_fetch_response,
 )
 from localproxy.imap.relay import (
     Credentials,
@@ -42,8 +46,7 @@ from localproxy.imap.relay import (
     MessageContext,
     _may_be_armored,
     _needs_view,
-    _response_item,
-    split_fetch_response,
+    _response_items,
     strip_status_headers,
     view_value,
 )
@@ -302,10 +305,18 @@ class Client:
 def fetched(events: list) -> list[dict[bytes, object]]:
     out = []
     for event in events:
-        parsed = split_fetch_response(getattr(event, "raw", b""))
-        if parsed is not None:
-            out.append({item.name.upper(): item.token() for item in parsed[1]})
+        assert not isinstance(event, Unparsed), event  # multipart BODYSTRUCTUREs included
+        if isinstance(event, Untagged) and event.status is None and event.name == b"FETCH":
+            out.append({name.upper(): value for name, value in parse_fetch_response(event).items})
     return out
+
+
+def one_response(raw: bytes) -> Untagged:
+    parser = ServerParser()
+    parser.feed(raw)
+    (event,) = list(parser)
+    assert isinstance(event, Untagged), event
+    return event
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -581,6 +592,60 @@ async def test_plain_fetch_is_forwarded_without_probes(upstream: FakeUpstream, p
     client.close()
 
 
+MULTIPART = (
+    b"From: a@example.org\r\nSubject: alt\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+    b"--b\r\nContent-Type: text/html\r\n\r\n<p>hello</p>\r\n--b--\r\n"
+)
+
+
+async def test_multipart_bodystructure_is_spliced_byte_for_byte(
+    upstream: FakeUpstream, proxy: ImapProxy
+):
+    upstream.add(MULTIPART)
+    view = MessageView(MULTIPART)
+    assert b")(" in view.bodystructure()  # the parts back to back, as Dovecot writes them
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    events, tagged = await client.command(b"f", b"UID FETCH 1 (BODYSTRUCTURE BODY)")
+    assert tagged.status == b"OK"
+    # the provider's answer minus the probes, each kept item exactly as the provider sent it
+    assert [e.raw for e in events] == [
+        b"* 1 FETCH (UID 1 BODYSTRUCTURE %s BODY %s)\r\n"
+        % (view.bodystructure(), view.bodystructure(extensible=False))
+    ]
+    assert isinstance(events[0], Untagged)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b'* 1 FETCH (UID 1 BODY[] "a""b")\r\n',  # Unparsed
+        b"* 1 FETCH (UID 1 BODY[] NIL RFC822.SIZE)\r\n",  # tokens, but not FETCH data
+    ],
+)
+async def test_unreadable_fetch_response_is_withheld(
+    upstream: FakeUpstream, proxy: ImapProxy, broken: bytes
+):
+    upstream.add(ENCRYPTED)
+
+    async def garble(conn: FakeConnection, command: Command) -> None:
+        conn.send(broken + command.tag + b" OK fetched\r\n")
+
+    upstream.hooks[b"FETCH"] = garble
+    upstream.hooks[b"NOOP"] = garble
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    events, tagged = await client.command(b"f", b"FETCH 1 (BODY.PEEK[])")
+    assert events == [] and tagged.status == b"NO" and b"[UNAVAILABLE]" in tagged.raw
+    assert b"unreadable FETCH response" in tagged.raw
+    events, tagged = await client.command(b"n", b"NOOP")  # unsolicited: passed on as it came
+    assert [e.raw for e in events] == [broken] and tagged.status == b"OK"
+    client.close()
+
+
 async def test_metadata_fetch_and_store_pass_through_untouched(
     upstream: FakeUpstream, proxy: ImapProxy
 ):
@@ -842,15 +907,15 @@ async def test_append_to_sent_goes_through_the_append_transformer(upstream: Fake
 # --------------------------------------------------------------------------- pure helpers
 
 
-def test_split_fetch_response_keeps_every_item_exact():
+def test_response_items_keep_every_item_exact():
     raw = (
         b'* 3 FETCH (UID 9 BODYSTRUCTURE (("text" "plain" NIL NIL NIL "7bit" 1 1)'
         b'("text" "html" NIL NIL NIL "7bit" 2 1) "alternative") '
         b'BODY[HEADER.FIELDS (SUBJECT "X-A")] {13}\r\nSubject: )(\r\n '
-        b'ENVELOPE ("d" "quote \\" ) in" NIL NIL NIL NIL NIL NIL NIL NIL) '
+        b'ENVELOPE ("d" "quote \\" ) in" NIL NIL NIL NIL NIL NIL NIL NIL)  '
         b"BODY[]<0> ~{2}\r\n\x00))\r\n"
     )
-    sequence, items = split_fetch_response(raw)  # type: ignore[misc]
+    sequence, items = _response_items(one_response(raw))  # type: ignore[misc]
     assert sequence == 3
     assert [i.name for i in items] == [
         b"UID",
@@ -859,9 +924,16 @@ def test_split_fetch_response_keeps_every_item_exact():
         b"ENVELOPE",
         b"BODY[]<0>",
     ]
+    assert [i.key is not None for i in items] == [True] * 5
     assert items[1].value.endswith(b'"alternative")') and items[2].value.endswith(b")(\r\n")
-    assert items[4].token() == Literal(b"\x00)", items[4].token().form)  # type: ignore[union-attr]
-    assert split_fetch_response(b"* 3 FETCH (UID 9 BODY[] {99}\r\nshort)\r\n") is None
+    assert items[2].token == Literal(b"Subject: )(\r\n")
+    assert items[4].token == Literal(b"\x00)", LiteralForm.BINARY)
+    # what the relay sends when it drops an item: the others spliced byte for byte
+    kept = [(i.name, i.value) for i in items if i.name != b"ENVELOPE"]
+    assert serialize_fetch_response(sequence, kept) == raw.replace(
+        b'ENVELOPE ("d" "quote \\" ) in" NIL NIL NIL NIL NIL NIL NIL NIL)  ', b""
+    )
+    assert _response_items(one_response(b"* 3 FETCH (UID 9 BODY[])\r\n")) is None
 
 
 @pytest.mark.parametrize(
@@ -880,12 +952,13 @@ def test_split_fetch_response_keeps_every_item_exact():
     ],
 )
 def test_needs_view(header: bytes | None, text: bytes, expected: bool):
-    items = [_response_item(b"BODY[TEXT]<0>", serialize([Literal(text)]))]
+    values = [(b"BODY[TEXT]<0>", Literal(text))]
     if header is not None:
         fields = b"CONTENT-TYPE CONTENT-TRANSFER-ENCODING X-LOCALPROXY-SECURITY X-LOCALPROXY-STATUS"
-        name = b"BODY[HEADER.FIELDS (" + fields + b")]"
-        items.append(_response_item(name, serialize([Literal(header)])))
-    assert _needs_view(items) is expected
+        values.append((b"BODY[HEADER.FIELDS (" + fields + b")]", Literal(header)))
+    parsed = _response_items(one_response(serialize_fetch_response(1, values)))
+    assert parsed is not None
+    assert _needs_view(parsed[1]) is expected
 
 
 def test_armor_detection_decodes_transfer_encodings():

@@ -1,0 +1,1 @@
+"""SMTP side: the local submission front, the upstream relay and the durable outbox."""

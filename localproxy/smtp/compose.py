@@ -1,0 +1,205 @@
+"""Turn one submitted message into the copies that go upstream (no I/O).
+
+- To/Cc recipients with a usable key: one copy encrypted to all of them and to
+  the sender's own key (so the Sent copy stays readable).
+- Bcc recipients (envelope recipients not in To/Cc) with a key: one copy each,
+  so no recipient's key id is revealed to another.
+- Recipients without a key: one plain copy (signed if policy says "always").
+- Mail the client already encrypted or signed passes through untouched.
+All copies keep the same Message-ID and headers; no copy carries a Bcc header.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from localproxy.config import Account, Policy, normalize_address
+from localproxy.crypto.openpgp import OpenPGPEngine
+from localproxy.crypto.pgpmime import Kind, classify, encrypt_message, sign_message
+from localproxy.keys.store import KeyStore
+from localproxy.mime import (
+    CRLF,
+    header_field,
+    parse_entity,
+    parse_headers,
+    split_header_body,
+    to_crlf,
+)
+
+AUTOCRYPT_MAX = 10 * 1024  # Autocrypt Level 1: the header must stay below 10 KiB
+
+
+class PolicyRefusal(Exception):
+    """Policy forbids sending this message as it is; str() is the SMTP reply text."""
+
+
+@dataclass(frozen=True)
+class Copy:
+    recipients: tuple[str, ...]
+    message: bytes
+    kind: str  # "encrypted", "signed", "plain" or "passthrough"
+
+
+@dataclass
+class Sender:
+    """The account's own key, when the From address is the account's."""
+
+    address: str | None
+    secret: bytes | None = None
+    public: bytes | None = None
+
+
+@dataclass
+class _Plan:
+    main: list[tuple[str, bytes]] = field(default_factory=list)  # To/Cc with keys
+    bcc: list[tuple[str, bytes]] = field(default_factory=list)
+    plain: list[str] = field(default_factory=list)
+    sign_encrypted: bool = False
+    sign_plain: bool = False
+
+
+def refusal_for_recipient(
+    recipient: str, account: Account, policy: Policy, store: KeyStore
+) -> str | None:
+    """At RCPT time: the 550 text when policy demands encryption but no key is usable."""
+    encrypt, _sign = policy.decide(recipient, account.policy)
+    if encrypt != "always" or store.encryption_cert(recipient) is not None:
+        return None
+    return (
+        f"550 5.7.1 <{recipient}>: policy requires encryption to this recipient, but no "
+        "usable key is known (add one with `localproxy keys import FILE`)"
+    )
+
+
+def compose(
+    raw: bytes,
+    recipients: Sequence[str],
+    *,
+    account: Account,
+    policy: Policy,
+    store: KeyStore,
+    engine: OpenPGPEngine,
+) -> list[Copy]:
+    """The copies to send, first copy first. Raises PolicyRefusal."""
+    prepared = prepare_headers(to_crlf(raw))
+    entity = parse_entity(prepared)
+    if classify(entity) != Kind.PLAIN:
+        return [Copy(tuple(recipients), prepared, "passthrough")]
+    sender = own_sender(entity, account, store)
+    plan = _plan(entity, recipients, account, policy, store)
+    if sender.public is not None and policy.setting("autocrypt", account.policy):
+        prepared = add_autocrypt(prepared, sender, policy.setting("prefer_encrypt", account.policy))
+    return _build(prepared, plan, sender, engine)
+
+
+def _plan(
+    entity, recipients: Sequence[str], account: Account, policy: Policy, store: KeyStore
+) -> _Plan:
+    visible = _visible_recipients(entity)
+    plan = _Plan()
+    for recipient in recipients:
+        encrypt, sign = policy.decide(recipient, account.policy)
+        stored = store.encryption_cert(recipient) if encrypt != "never" else None
+        if stored is None:
+            if encrypt == "always":
+                raise PolicyRefusal(
+                    f"554 5.7.1 <{recipient}>: policy requires encryption, but "
+                    "no usable key is known any more; nothing was sent"
+                )
+            plan.plain.append(recipient)
+            plan.sign_plain |= sign == "always"
+            continue
+        target = plan.main if normalize_address(recipient) in visible else plan.bcc
+        target.append((recipient, stored.info.data))
+        plan.sign_encrypted |= sign != "never"
+    return plan
+
+
+def _visible_recipients(entity) -> set[str]:
+    fields = [h.value for name in ("To", "Cc") for h in entity.get_all(name)]
+    return {normalize_address(addr) for _name, addr in email.utils.getaddresses(fields) if addr}
+
+
+def _build(prepared: bytes, plan: _Plan, sender: Sender, engine: OpenPGPEngine) -> list[Copy]:
+    own = [sender.public] if sender.public else []
+    signer = sender.secret if plan.sign_encrypted else None
+    copies = []
+    if plan.main:
+        keys = [key for _r, key in plan.main] + own
+        copies.append(
+            Copy(
+                tuple(r for r, _k in plan.main),
+                encrypt_message(prepared, engine, keys, signer=signer),
+                "encrypted",
+            )
+        )
+    if plan.plain:
+        if plan.sign_plain and sender.secret:
+            copies.append(
+                Copy(tuple(plan.plain), sign_message(prepared, engine, sender.secret), "signed")
+            )
+        else:
+            copies.append(Copy(tuple(plan.plain), prepared, "plain"))
+    for recipient, key in plan.bcc:
+        message = encrypt_message(prepared, engine, [key, *own], signer=signer)
+        copies.append(Copy((recipient,), message, "encrypted"))
+    return copies
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def prepare_headers(raw: bytes) -> bytes:
+    """Drop Bcc; add Message-ID and Date when missing so every copy shares them."""
+    header, sep, body = split_header_body(raw)
+    fields = [h for h in parse_headers(header) if h.name.lower() != "bcc"]
+    names = {h.name.lower() for h in fields}
+    extra = b""
+    if "message-id" not in names:
+        domain = _from_domain(fields) or socket.getfqdn() or "localhost"
+        extra += header_field("Message-ID", f"<{secrets.token_hex(16)}@{domain}>")
+    if "date" not in names:
+        extra += header_field("Date", email.utils.formatdate(localtime=True))
+    return b"".join(h.raw for h in fields) + extra + (sep or CRLF) + body
+
+
+def _from_domain(fields) -> str | None:
+    value = next((h.value for h in fields if h.name.lower() == "from"), "")
+    address = email.utils.parseaddr(value)[1]
+    return address.rpartition("@")[2] or None
+
+
+def own_sender(entity, account: Account, store: KeyStore) -> Sender:
+    """The account's key if From is one of its addresses; never sign as someone else."""
+    from_field = entity.get("From")
+    address = email.utils.parseaddr(from_field.value)[1] if from_field else ""
+    if not address or normalize_address(address) not in account.addresses:
+        return Sender(address or None)
+    usable = [
+        (stored, secret)
+        for stored, secret in store.own_keys(account.name)
+        if stored.info.can_sign and stored.info.can_encrypt
+    ]
+    if not usable:
+        return Sender(address)
+    stored, secret = max(usable, key=lambda pair: pair[0].info.created)
+    return Sender(normalize_address(address), secret, stored.info.data)
+
+
+def add_autocrypt(raw: bytes, sender: Sender, prefer_encrypt: bool) -> bytes:
+    """Autocrypt Level 1 header (keydata last), replacing one the client set."""
+    assert sender.public is not None and sender.address is not None
+    keydata = base64.b64encode(sender.public).decode()
+    value = f"addr={sender.address}; " + ("prefer-encrypt=mutual; " if prefer_encrypt else "")
+    folded = "\r\n ".join(keydata[i : i + 72] for i in range(0, len(keydata), 72))
+    field_bytes = f"Autocrypt: {value}keydata=\r\n {folded}\r\n".encode()
+    if len(field_bytes) > AUTOCRYPT_MAX:
+        return raw
+    header, sep, body = split_header_body(raw)
+    kept = [h.raw for h in parse_headers(header) if h.name.lower() != "autocrypt"]
+    return b"".join(kept) + field_bytes + sep + body
