@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -186,13 +186,26 @@ class KeyStore:
         return sorted(found, key=lambda c: c.info.created, reverse=True)
 
     def encryption_cert(self, address: str) -> StoredCert | None:
-        """The newest certificate usable right now to encrypt to this address."""
+        """The certificate to encrypt to this address now: usable, and among those the
+        ones the user imported before ones learned from Autocrypt, newest first. A
+        forged Autocrypt header can then never displace a key the user chose."""
         wanted = normalize_address(address)
-        for stored in self.find(address):
+        candidates = sorted(self.find(address), key=lambda c: c.source.startswith("autocrypt"))
+        for stored in candidates:
             info = stored.info
             if info.can_encrypt and not info.revoked and wanted in _addresses(info):
                 return stored
         return None
+
+    def certs_for_ids(self, ids: Sequence[str]) -> list[bytes]:
+        """Certificates matching key IDs or (sub)key fingerprints, for signature checks."""
+        wanted = {i.upper().replace(" ", "") for i in ids}
+        found = []
+        for stored in self.certs():
+            names = {stored.fingerprint, *stored.info.subkey_fingerprints}
+            if any(n in wanted or n[-16:] in wanted for n in names):
+                found.append(stored.info.data)
+        return found
 
     def own_keys(self, account: str | None = None) -> list[tuple[StoredCert, bytes]]:
         """The accounts' secret keys, unsealed for in-memory use."""

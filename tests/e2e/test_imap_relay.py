@@ -8,7 +8,6 @@ equal what Dovecot itself answers for those bytes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import imaplib
 import os
@@ -16,16 +15,13 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from localproxy.config import Account, LocalListen, UpstreamServer
 from localproxy.imap.codec import (
     Literal,
     Number,
@@ -43,6 +39,7 @@ from localproxy.imap.codec import (
 )
 from localproxy.imap.relay import ImapProxy, MessageContext
 from tests.harness.provider import Provider
+from tests.harness.running import ProxyThread, make_account
 
 pytestmark = pytest.mark.e2e
 
@@ -147,56 +144,6 @@ CLEARTEXT = (
     b"\r\n" + _ATTACHMENT + b"--mix--\r\n"
 )
 assert len(CLEARTEXT) > 2 * 65536  # Thunderbird's chunked fetch needs several rounds
-
-
-# --------------------------------------------------------------------------- proxy in a thread
-
-
-class ProxyThread:
-    """The relay on its own event loop, so the tests can use blocking clients."""
-
-    def __init__(self, proxy: ImapProxy) -> None:
-        self.proxy = proxy
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def run(self, coroutine: Awaitable[Any]) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
-        return future.result(TIMEOUT)
-
-    def __enter__(self) -> ProxyThread:
-        self.thread.start()
-        self.run(self.proxy.start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.run(self.proxy.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT)
-        self.loop.close()
-
-    @property
-    def port(self) -> int:
-        return self.proxy.port
-
-
-def make_account(provider: Provider, user: str = "alice", implicit_tls: bool = False) -> Account:
-    account = provider.users[user]
-
-    def server(port: int, security: str = "starttls") -> UpstreamServer:
-        return UpstreamServer(
-            provider.hostname, port, security, ca_file=provider.ca_file, timeout=TIMEOUT
-        )
-
-    imap = server(provider.imaps_port, "tls") if implicit_tls else server(provider.imap_port)
-    return Account(
-        name=user,
-        addresses=(account.address,),
-        local=LocalListen(host="127.0.0.1", imap_port=0),
-        imap=imap,
-        smtp=server(provider.submission_port),
-        username=account.login,
-    )
 
 
 Transform = Callable[[bytes, MessageContext], Awaitable[bytes]]
