@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,7 +28,7 @@ from localproxy.config import (
     resolve_config_path,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 ENV_PASSWORD = "LOCALPROXY_PASSWORD"
 
 Handler = Callable[[argparse.Namespace], int]
@@ -35,6 +36,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 class UsageError(Exception):
     """Bad arguments that argparse cannot see; printed as one line, exit 2."""
+
+
+class NotRunningError(Exception):
+    """The daemon is not running; printed with how to start it, exit 3."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config dir, e.g. ~/.config/localproxy/config.toml)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_commands(commands)
     _add_config_commands(commands)
     _add_check_command(commands)
     _add_keys_commands(commands)
@@ -84,6 +90,33 @@ def _add_config_commands(commands: argparse._SubParsersAction) -> None:
     show.set_defaults(handler=cmd_config_show)
 
 
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run the proxy in the foreground (what the background service starts)",
+        description="Start the IMAP and SMTP listeners of every account and serve until "
+        "SIGTERM or Ctrl-C. SIGHUP reloads the config. Logs go to stderr.",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override [proxy] log_level",
+    )
+    run.add_argument("--log-file", type=Path, help="also log to this file (rotated at 5 MB)")
+    run.set_defaults(handler=cmd_run)
+    reload = commands.add_parser(
+        "reload",
+        help="make the running proxy re-read its config",
+        description="Ask the running proxy to re-read its config; "
+        "accounts whose settings did not change keep running.",
+    )
+    reload.set_defaults(handler=cmd_reload)
+    outbox = commands.add_parser("outbox", help="the queue of messages waiting to be sent")
+    sub = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    flush = sub.add_parser("flush", help="try to send every queued message now")
+    flush.set_defaults(handler=cmd_outbox_flush)
+
+
 def _add_check_command(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser(
         "check",
@@ -113,6 +146,42 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     else:
         Console().print(Syntax(dump_toml(data), "toml", background_color="default"))
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from localproxy.daemon import DaemonError, run_daemon, setup_logging
+
+    config_path = resolve_config_path(args.config)
+    config = load_config(config_path)
+    setup_logging(args.log_level or config.proxy.log_level, args.log_file)
+    try:
+        return run_daemon(config_path)
+    except DaemonError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    answer = _control(args, "reload")
+    if not answer.get("ok"):
+        raise UsageError(f"config not reloaded: {answer.get('error')}")
+    restarted = ", ".join(answer["restarted"]) or "no account"
+    Console().print(f"Config reloaded; restarted: {restarted}.")
+    return EXIT_OK
+
+
+def cmd_outbox_flush(args: argparse.Namespace) -> int:
+    answer = _control(args, "flush-outbox")
+    Console().print(f"Delivered {answer.get('delivered', 0)} queued message(s).")
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace, command: str) -> dict:
+    from localproxy.control import NotRunning, request
+
+    try:
+        return request(_load(args), command)
+    except NotRunning as exc:
+        raise NotRunningError(str(exc)) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -184,6 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USAGE
+    except NotRunningError as exc:
+        err.print(
+            f"{escape(str(exc))}\nStart it with [bold]localproxy run[/] or as a "
+            "service: [bold]localproxy service install[/]",
+            soft_wrap=True,
+        )
+        return EXIT_NOT_RUNNING
     except operation_errors as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_FAILED

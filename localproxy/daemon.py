@@ -1,0 +1,432 @@
+"""`localproxy run`: every account's listeners, the outbox, and the control socket.
+
+One process serves all accounts. It refuses to start twice for the same data
+dir (a lock file), names any port that is taken, reloads the config on SIGHUP
+without touching unchanged accounts, and shuts down gracefully on
+SIGTERM/SIGINT. The CLI talks to it over a Unix socket (mode 0600) with one
+JSON request and one JSON answer per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import platformdirs
+
+from localproxy import __version__
+from localproxy.check import check_service
+from localproxy.config import Account, Config, load_config
+from localproxy.crypto.openpgp import default_engine
+from localproxy.imap.relay import ImapProxy
+from localproxy.incoming import IncomingProcessor
+from localproxy.keys.store import KeyStore
+from localproxy.localtls import ensure_local_certificate, server_context
+from localproxy.secretbox import SecretBox, SecretBoxError
+from localproxy.smtp.outbox import Outbox, OutboxItem, OutboxWorker
+from localproxy.smtp.server import SmtpHandler, SmtpProxy, outbox_sender
+from localproxy.state import State
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 300.0  # seconds between upstream reachability checks
+SHUTDOWN_GRACE = 10.0
+_COUNTED = {
+    "sent-encrypted": "sent_encrypted",
+    "sent-signed": "sent_signed",
+    "sent-plain": "sent_plain",
+    "received-decrypted": "received_decrypted",
+    "received-verified": "received_verified",
+    "received-failed": "received_failed",
+}
+_LEVELS = {
+    "auth-failed": "warning",
+    "queued": "warning",
+    "send-failed": "error",
+    "upstream-error": "error",
+    "received-failed": "warning",
+}
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; str() says why and what to do."""
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def runtime_dir() -> Path:
+    """Where the control socket lives: $LOCALPROXY_RUNTIME_DIR, the platform's runtime
+    dir, or a private folder in the temp dir when there is none (no XDG_RUNTIME_DIR)."""
+    if env := os.environ.get("LOCALPROXY_RUNTIME_DIR"):
+        return Path(env)
+    base = Path(platformdirs.user_runtime_dir("localproxy"))
+    if base.parent.is_dir() and os.access(base.parent, os.W_OK):
+        return base
+    return Path(tempfile.gettempdir()) / f"localproxy-{os.getuid()}"
+
+
+def socket_path(config: Config) -> Path:
+    # One daemon per data dir; the hash keeps the path under the 108-byte socket limit.
+    digest = hashlib.sha256(str(config.proxy.data_dir.resolve()).encode()).hexdigest()[:12]
+    return runtime_dir() / f"{digest}.sock"
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Redact(logging.Filter):
+    """Last line of defence: credentials never reach a log line, whatever logged them."""
+
+    _PATTERNS: ClassVar[list[re.Pattern[str]]] = [
+        re.compile(r"(?i)\b(AUTH(?:ENTICATE)?\s+\S+\s+)\S+"),
+        re.compile(r"(?i)\b(LOGIN\s+\S+\s+)\S+"),
+        re.compile(r"(?i)(password[\"']?\s*[:=]\s*)\S+"),
+    ]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for pattern in self._PATTERNS:
+            message = pattern.sub(r"\1<redacted>", message)
+        record.msg, record.args = message, None
+        return True
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                log_file, maxBytes=5 * 2**20, backupCount=5, encoding="utf-8"
+            )
+        )
+    root = logging.getLogger()
+    root.handlers.clear()
+    for handler in handlers:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+            )
+        )
+        handler.addFilter(_Redact())
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    smtpd_log = logging.getLogger("mail.log")
+    smtpd_log.setLevel(logging.WARNING)  # aiosmtpd logs raw AUTH lines at DEBUG
+    smtpd_log.addFilter(_known_smtpd_noise)
+
+
+def _known_smtpd_noise(record: logging.LogRecord) -> bool:
+    """aiosmtpd warns about choices made on purpose (clear AUTH on loopback only) and
+    about its own deprecated attribute; neither helps a user."""
+    text = record.getMessage()
+    return not ("auth_require_tls == False" in text or "login_data is deprecated" in text)
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+@dataclass
+class AccountRuntime:
+    account: Account
+    smtp: SmtpProxy
+    imap: ImapProxy
+    upstream: dict[str, dict[str, Any]] = field(default_factory=dict)
+    key_warning: str | None = None
+
+    async def close(self) -> None:
+        await asyncio.gather(self.smtp.close(), self.imap.close(), return_exceptions=True)
+
+
+class Daemon:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.started_at = datetime.now(UTC)
+        self.engine = default_engine()
+        self.accounts: dict[str, AccountRuntime] = {}
+        self.warnings: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lock_fd: int | None = None
+        self._control: asyncio.base_events.Server | None = None
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        self._acquire_lock()
+        try:
+            await self._start()
+            self._install_signals()
+            log.info(
+                "localproxy %s running (pid %d, %d accounts)",
+                __version__,
+                os.getpid(),
+                len(self.accounts),
+            )
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _start(self) -> None:
+        data_dir = self.config.proxy.data_dir
+        self.state = State(data_dir / "state.sqlite")
+        self.store = KeyStore(data_dir, self.engine)
+        self.tls = server_context(ensure_local_certificate(data_dir))
+        self.outbox = Outbox(data_dir / "outbox.sqlite", SecretBox(self._store_key()))
+        # The same dict object is updated on reload, so the worker sees new settings.
+        self.outbox_accounts = self._account_map()
+        self.worker = OutboxWorker(
+            self.outbox, outbox_sender(self.outbox_accounts), on_failed=self._outbox_failed
+        )
+        self._spawn(self.worker.run())
+        await self._start_control()
+        for account in self.config.accounts:
+            self.accounts[account.name] = await self._start_account(account)
+        self._spawn(self._check_loop())
+
+    def _store_key(self) -> bytes:
+        key = self.store.store_key
+        if key.warning:
+            self.warnings.append(key.warning)
+        return key.key
+
+    def _account_map(self) -> dict[str, Account]:
+        return {a.name: a for a in self.config.accounts}
+
+    async def _start_account(self, account: Account) -> AccountRuntime:
+        on_event = self._sink(account.name)
+        handler = SmtpHandler(
+            account, self.config, self.store, self.engine, self.outbox, on_event=on_event
+        )
+        handler.outbox_wake = self.worker.wake
+        incoming = IncomingProcessor(
+            account, self.config, self.store, self.engine, on_event=on_event
+        )
+        smtp = SmtpProxy(
+            handler, host=account.local.host, port=account.local.smtp_port, tls_context=self.tls
+        )
+        imap = ImapProxy(account, incoming.transform, append_transformer=incoming.encrypt_for_self)
+        runtime = AccountRuntime(account, smtp, imap, key_warning=self._key_warning(account))
+        try:
+            await self._listen(runtime, "SMTP", account.local.smtp_port, smtp.start)
+            await self._listen(runtime, "IMAP", account.local.imap_port, imap.start)
+        except BaseException:
+            await runtime.close()
+            raise
+        if runtime.key_warning:
+            self.state.event("error", "keys", runtime.key_warning, account.name)
+        return runtime
+
+    async def _listen(self, runtime: AccountRuntime, what: str, port: int, start: Any) -> None:
+        try:
+            await start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DaemonError(
+                    f"port {port} ({what} of account {runtime.account.name!r}) "
+                    "is already in use by another program; choose another "
+                    f"port in {self.config_path}"
+                ) from None
+            raise DaemonError(
+                f"cannot listen on {runtime.account.local.host}:{port} for {what}: {exc.strerror}"
+            ) from None
+
+    def _key_warning(self, account: Account) -> str | None:
+        try:
+            own = self.store.own_keys(account.name)
+        except SecretBoxError as exc:
+            return f"own keys of {account.name!r} cannot be unlocked: {exc}"
+        if not own:
+            return (
+                f"account {account.name!r} has no own key: mail is not signed and "
+                f"encrypted mail cannot be read (`localproxy keys generate {account.name}`)"
+            )
+        if not any(stored.info.can_encrypt for stored, _secret in own):
+            return f"the own key of {account.name!r} is expired or revoked"
+        return None
+
+    async def _shutdown(self) -> None:
+        log.info("shutting down")
+        if self._control is not None:
+            self._control.close()
+        await asyncio.gather(*(rt.close() for rt in self.accounts.values()), return_exceptions=True)
+        if hasattr(self, "worker"):
+            await self.worker.stop(grace=SHUTDOWN_GRACE)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for name in ("outbox", "store", "state"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(self.config).unlink()
+        self._release_lock()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------------------------- single instance
+
+    def _acquire_lock(self) -> None:
+        path = socket_path(self.config).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DaemonError(
+                f"localproxy is already running for {self.config.proxy.data_dir}"
+                f" (pid {other}); see `localproxy status`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ----------------------------------------------------------------------- reload
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config; restart only accounts whose settings changed."""
+        try:
+            new = load_config(self.config_path)
+        except Exception as exc:  # keep running on the old config, loudly
+            self.state.event("error", "reload", f"config not reloaded: {exc}")
+            log.error("config not reloaded: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        global_change = (new.policy, new.proxy) != (self.config.policy, self.config.proxy)
+        old_accounts = {a.name: a for a in self.config.accounts}
+        self.config = new
+        changed = []
+        for name in set(old_accounts) | {a.name for a in new.accounts}:
+            wanted = next((a for a in new.accounts if a.name == name), None)
+            if wanted == old_accounts.get(name) and not global_change:
+                continue
+            changed.append(name)
+            if (runtime := self.accounts.pop(name, None)) is not None:
+                await runtime.close()
+            if wanted is not None:
+                self.accounts[name] = await self._start_account(wanted)
+        self.outbox_accounts.clear()
+        self.outbox_accounts.update(self._account_map())
+        message = f"config reloaded; restarted: {', '.join(sorted(changed)) or 'nothing'}"
+        self.state.event("info", "reload", message)
+        log.info(message)
+        return {"ok": True, "restarted": sorted(changed)}
+
+    # ----------------------------------------------------------------------- events
+
+    def _sink(self, account: str) -> Any:
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if counter := _COUNTED.get(kind):
+                self.state.count(account, counter)
+            if kind.startswith(("sent-", "received-")) and kind not in _LEVELS:
+                who = ", ".join(data.get("recipients", [])) or "-"
+                log.info("%s: %s %s", account, kind.replace("-", " "), who)
+                return  # counted; too frequent to be a status event
+            level = _LEVELS.get(kind, "info")
+            text = data.get("error") or data.get("reply") or ", ".join(data.get("recipients", []))
+            self.state.event(level, kind, str(text), account)
+
+        return on_event
+
+    async def _outbox_failed(self, item: OutboxItem) -> None:
+        self.state.event(
+            "error",
+            "send-failed",
+            f"gave up sending to {', '.join(item.recipients)}: {item.last_error}",
+            item.account,
+        )
+
+    async def _check_loop(self) -> None:
+        while True:
+            for runtime in list(self.accounts.values()):
+                for service in ("imap", "smtp"):
+                    result = await check_service(runtime.account, service, None)
+                    runtime.upstream[service] = {
+                        "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                        **result.as_dict(),
+                    }
+            await asyncio.sleep(CHECK_INTERVAL)
+
+    # ----------------------------------------------------------------------- control socket
+
+    async def _start_control(self) -> None:
+        path = socket_path(self.config)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale: the lock says no other daemon owns it
+        old_umask = os.umask(0o177)
+        try:
+            self._control = await asyncio.start_unix_server(self._on_control, path)
+        finally:
+            os.umask(old_umask)
+        path.chmod(0o600)
+
+    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            answer = await self._command(request.get("command", ""))
+        except (json.JSONDecodeError, AttributeError, TimeoutError):
+            answer = {"ok": False, "error": "bad request"}
+        writer.write(json.dumps(answer).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    async def _command(self, command: str) -> dict[str, Any]:
+        if command == "status":
+            return {"ok": True, "snapshot": self.snapshot()}
+        if command == "reload":
+            return await self.reload()
+        if command == "flush-outbox":
+            return {"ok": True, "delivered": await self.worker.flush()}
+        if command == "stop":
+            self.stop()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    # ----------------------------------------------------------------------- status
+
+    def snapshot(self) -> dict[str, Any]:
+        from localproxy.status_snapshot import build_snapshot
+
+        return build_snapshot(self)
+
+
+def run_daemon(config_path: Path) -> int:
+    """Entry point of `localproxy run`; returns the exit code."""
+    asyncio.run(Daemon(config_path).run())
+    return 0

@@ -1,0 +1,224 @@
+"""`localproxy run` as a real subprocess against the harness provider."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness.provider import Provider
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, provider: Provider, imap_port: int, smtp_port: int) -> None:
+    path.write_text(f"""
+[proxy]
+data_dir = "{path.parent / "data"}"
+log_level = "debug"
+
+[[account]]
+name = "alice"
+addresses = ["alice@example.org"]
+[account.local]
+imap_port = {imap_port}
+smtp_port = {smtp_port}
+[account.upstream.imap]
+host = "{provider.hostname}"
+port = {provider.imaps_port}
+security = "tls"
+ca_file = "{provider.ca_file}"
+[account.upstream.smtp]
+host = "{provider.hostname}"
+port = {provider.submission_port}
+security = "starttls"
+ca_file = "{provider.ca_file}"
+""")
+
+
+@dataclass
+class Running:
+    config: Path
+    env: dict[str, str]
+    process: subprocess.Popen[str]
+    imap_port: int
+    smtp_port: int
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "localproxy", "--config", str(self.config), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        _out, err = self.process.communicate(timeout=30)
+        return err
+
+
+def wait_listening(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def start_daemon(provider: Provider, tmp_path: Path) -> Running:
+    config = tmp_path / "config.toml"
+    imap_port, smtp_port = free_port(), free_port()
+    write_config(config, provider, imap_port, smtp_port)
+    env = {**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "run")}
+    base = [sys.executable, "-m", "localproxy", "--config", str(config)]
+    subprocess.run(
+        [*base, "keys", "generate", "alice"], env=env, check=True, capture_output=True, timeout=60
+    )
+    process = subprocess.Popen(
+        [*base, "run"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    running = Running(config, env, process, imap_port, smtp_port)
+    wait_listening(smtp_port)
+    wait_listening(imap_port)
+    return running
+
+
+@pytest.fixture
+def daemon(clean_provider: Provider, tmp_path: Path) -> Iterator[Running]:
+    running = start_daemon(clean_provider, tmp_path)
+    yield running
+    running.stop()
+
+
+def send(provider: Provider, port: int, body: bytes = b"hello\r\n") -> None:
+    alice = provider.users["alice"]
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.login(alice.login, alice.password)
+        smtp.sendmail(
+            alice.address,
+            ["bob@example.org"],
+            b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: t\r\n\r\n" + body,
+        )
+
+
+def test_second_instance_is_refused_with_the_pid(daemon):
+    second = daemon.cli("run")
+    assert second.returncode == 2
+    assert (
+        f"already running for {daemon.config.parent / 'data'} (pid {daemon.process.pid})"
+        in second.stderr
+    )
+    assert "Traceback" not in second.stderr
+
+
+def test_a_taken_port_is_named(clean_provider, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.toml"
+        write_config(config, clean_provider, free_port(), port)
+        done = subprocess.run(
+            [sys.executable, "-m", "localproxy", "--config", str(config), "run"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "r")},
+        )
+    assert done.returncode == 2
+    assert f"port {port} (SMTP of account 'alice') is already in use" in done.stderr
+
+
+def test_sighup_applies_a_changed_port_and_keeps_serving(daemon, clean_provider):
+    new_smtp = free_port()
+    write_config(daemon.config, clean_provider, daemon.imap_port, new_smtp)
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_listening(new_smtp)
+    send(clean_provider, new_smtp)
+    assert len(clean_provider.wait_for_messages("bob", 1)) == 1
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=1).close()
+
+
+def test_broken_config_on_reload_keeps_the_old_one(daemon, clean_provider):
+    daemon.config.write_text(daemon.config.read_text() + "\nnot toml [\n")
+    answer = daemon.cli("reload")  # the CLI itself names the mistake
+    assert answer.returncode == 2 and "found invalid TOML" in answer.stderr
+    daemon.process.send_signal(signal.SIGHUP)  # the daemon keeps its old config
+    time.sleep(0.5)
+    send(clean_provider, daemon.smtp_port)
+    assert len(clean_provider.wait_for_messages("bob", 1)) == 1
+    assert "config not reloaded" in daemon.stop()
+
+
+def test_sigterm_during_data_loses_nothing(daemon, clean_provider):
+    body = (b"x" * 76 + b"\r\n") * 60_000  # ~4.7 MB: DATA takes a moment
+    outcome: dict[str, object] = {}
+
+    def sender() -> None:
+        try:
+            send(clean_provider, daemon.smtp_port, body)
+            outcome["accepted"] = True
+        except (smtplib.SMTPException, OSError) as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    time.sleep(0.3)
+    log = daemon.stop()
+    thread.join(60)
+    assert daemon.process.returncode == 0, log[-2000:]
+    stored = clean_provider.stored_messages("bob")
+    if outcome.get("accepted"):
+        assert len(stored) == 1, "acknowledged, so it must have been delivered"
+    else:
+        assert "error" in outcome, "the client was told, so it keeps the message"
+
+
+def test_logs_never_contain_credentials(daemon, clean_provider):
+    send(clean_provider, daemon.smtp_port)
+    clean_provider.wait_for_messages("bob", 1)
+    log = daemon.stop()
+    password = clean_provider.users["alice"].password
+    assert password not in log
+    assert "sent encrypted" in log or "sent plain" in log
+
+
+def test_control_socket_is_private(daemon):
+    run_dir = Path(daemon.env["LOCALPROXY_RUNTIME_DIR"])
+    (sock,) = run_dir.glob("*.sock")
+    assert sock.stat().st_mode & 0o777 == 0o600
+    assert run_dir.stat().st_mode & 0o077 == 0
+
+
+def test_not_running_is_explained(clean_provider, tmp_path):
+    config = tmp_path / "config.toml"
+    write_config(config, clean_provider, free_port(), free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "localproxy", "--config", str(config), "reload"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "r")},
+    )
+    assert done.returncode == 3
+    assert "not running" in done.stderr and "localproxy run" in done.stderr
