@@ -111,6 +111,19 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         "accounts whose settings did not change keep running.",
     )
     reload.set_defaults(handler=cmd_reload)
+    status = commands.add_parser(
+        "status",
+        help="show what the running proxy is doing (accounts, TLS, keys, queue, events)",
+        description="A dashboard of the running proxy: listeners, upstream TLS and "
+        "certificates, sessions, counters, outbox, keys and recent events. Exits 3 when the "
+        "proxy is not running.",
+    )
+    status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    status.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
+    status.set_defaults(handler=cmd_status)
+    from localproxy.service import add_service_commands
+
+    add_service_commands(commands)
     outbox = commands.add_parser("outbox", help="the queue of messages waiting to be sent")
     sub = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
     flush = sub.add_parser("flush", help="try to send every queued message now")
@@ -158,6 +171,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_daemon(config_path)
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from localproxy.status import Snapshot, render, render_not_running
+
+    config_path = resolve_config_path(args.config)
+    console = Console()
+
+    def fetch() -> Snapshot | None:
+        from localproxy.control import NotRunning, request
+
+        try:
+            answer = request(_load(args), "status")
+        except NotRunning:
+            return None
+        if not answer.get("ok"):
+            raise UsageError(f"the proxy could not report its status: {answer.get('error')}")
+        return Snapshot.from_json(json.dumps(answer["snapshot"]))
+
+    snapshot = fetch()
+    if snapshot is None:
+        console.print(render_not_running(config_path))
+        return EXIT_NOT_RUNNING
+    if args.json:
+        print(snapshot.to_json())
+        return EXIT_OK
+    if not args.watch:
+        console.print(render(snapshot))
+        return EXIT_OK
+    return _watch(console, fetch, render, render_not_running, config_path)
+
+
+def _watch(console: Console, fetch, render, render_not_running, config_path: Path) -> int:
+    import time
+
+    from rich.live import Live
+
+    with Live(render(fetch()), console=console, refresh_per_second=1, screen=False) as live:
+        try:
+            while True:
+                time.sleep(2)
+                snapshot = fetch()
+                live.update(render(snapshot) if snapshot else render_not_running(config_path))
+        except KeyboardInterrupt:
+            return EXIT_OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -233,8 +291,9 @@ def _operation_errors() -> tuple[type[Exception], ...]:
     from localproxy.keys.store import KeyStoreError
     from localproxy.localtls import LocalTLSError
     from localproxy.secretbox import SecretBoxError
+    from localproxy.service import ServiceError
 
-    return (CryptoError, KeysError, KeyStoreError, LocalTLSError, SecretBoxError)
+    return (CryptoError, KeysError, KeyStoreError, LocalTLSError, SecretBoxError, ServiceError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

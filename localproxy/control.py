@@ -31,4 +31,7 @@ def request(config: Config, command: str, timeout: float = 30.0) -> dict[str, An
             if not chunk:
                 break
             data += chunk
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return {"ok": False, "error": "the proxy closed the control connection without an answer"}

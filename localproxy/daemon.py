@@ -20,6 +20,7 @@ import logging.handlers
 import os
 import re
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,16 @@ from localproxy.secretbox import SecretBox, SecretBoxError
 from localproxy.smtp.outbox import Outbox, OutboxItem, OutboxWorker
 from localproxy.smtp.server import SmtpHandler, SmtpProxy, outbox_sender
 from localproxy.state import State
+from localproxy.status import (
+    AccountStatus,
+    Counters,
+    Event,
+    KeyStatus,
+    Listener,
+    OutboxStatus,
+    Snapshot,
+    UpstreamStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +85,13 @@ def runtime_dir() -> Path:
     dir, or a private folder in the temp dir when there is none (no XDG_RUNTIME_DIR)."""
     if env := os.environ.get("LOCALPROXY_RUNTIME_DIR"):
         return Path(env)
+    fallback = Path(tempfile.gettempdir()) / f"localproxy-{os.getuid()}"
+    if sys.platform.startswith("linux") and not os.environ.get("XDG_RUNTIME_DIR"):
+        return fallback  # platformdirs would warn and guess /tmp/runtime-UID
     base = Path(platformdirs.user_runtime_dir("localproxy"))
     if base.parent.is_dir() and os.access(base.parent, os.W_OK):
         return base
-    return Path(tempfile.gettempdir()) / f"localproxy-{os.getuid()}"
+    return fallback
 
 
 def socket_path(config: Config) -> Path:
@@ -146,11 +160,13 @@ class AccountRuntime:
     account: Account
     smtp: SmtpProxy
     imap: ImapProxy
+    smtps: SmtpProxy | None = None
     upstream: dict[str, dict[str, Any]] = field(default_factory=dict)
     key_warning: str | None = None
 
     async def close(self) -> None:
-        await asyncio.gather(self.smtp.close(), self.imap.close(), return_exceptions=True)
+        listeners = [self.smtp, self.imap] + ([self.smtps] if self.smtps else [])
+        await asyncio.gather(*(x.close() for x in listeners), return_exceptions=True)
 
 
 class Daemon:
@@ -165,6 +181,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock_fd: int | None = None
         self._control: asyncio.base_events.Server | None = None
+        self._counter_base: dict[str, dict[str, int]] = {}
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -224,10 +241,28 @@ class Daemon:
         smtp = SmtpProxy(
             handler, host=account.local.host, port=account.local.smtp_port, tls_context=self.tls
         )
-        imap = ImapProxy(account, incoming.transform, append_transformer=incoming.encrypt_for_self)
-        runtime = AccountRuntime(account, smtp, imap, key_warning=self._key_warning(account))
+        smtps = None
+        if account.local.smtps_port:
+            smtps = SmtpProxy(
+                handler,
+                host=account.local.host,
+                port=account.local.smtps_port,
+                implicit_tls=self.tls,
+            )
+        imap = ImapProxy(
+            account,
+            incoming.transform,
+            append_transformer=incoming.encrypt_for_self,
+            tls_context=self.tls,
+            header_observer=incoming.observe_headers,
+        )
+        runtime = AccountRuntime(
+            account, smtp, imap, smtps=smtps, key_warning=self._key_warning(account)
+        )
         try:
             await self._listen(runtime, "SMTP", account.local.smtp_port, smtp.start)
+            if smtps is not None:
+                await self._listen(runtime, "SMTPS", account.local.smtps_port, smtps.start)
             await self._listen(runtime, "IMAP", account.local.imap_port, imap.start)
         except BaseException:
             await runtime.close()
@@ -401,6 +436,9 @@ class Daemon:
             answer = await self._command(request.get("command", ""))
         except (json.JSONDecodeError, AttributeError, TimeoutError):
             answer = {"ok": False, "error": "bad request"}
+        except Exception as exc:  # the CLI must get an answer, not a closed socket
+            log.exception("control command failed")
+            answer = {"ok": False, "error": f"internal error: {exc}"}
         writer.write(json.dumps(answer).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await writer.drain()
@@ -421,9 +459,97 @@ class Daemon:
     # ----------------------------------------------------------------------- status
 
     def snapshot(self) -> dict[str, Any]:
-        from localproxy.status_snapshot import build_snapshot
+        snapshot = Snapshot(
+            version=__version__,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            now=datetime.now(UTC),
+            config_path=self.config_path,
+            accounts=[self._account_status(rt) for rt in self.accounts.values()],
+            events=[
+                Event(e.time, e.level, e.account, e.kind, e.message) for e in self.state.recent(30)
+            ],
+            warnings=self.warnings
+            + [rt.key_warning for rt in self.accounts.values() if rt.key_warning],
+        )
+        return json.loads(snapshot.to_json())
 
-        return build_snapshot(self)
+    def _account_status(self, runtime: AccountRuntime) -> AccountStatus:
+        account = runtime.account
+        name = account.name
+        total = self.state.counters(name)
+        base = self._counter_base.setdefault(name, total)
+        since_start = {k: total[k] - base.get(k, 0) for k in total}
+        return AccountStatus(
+            name=name,
+            addresses=list(account.addresses),
+            listeners=self._listeners(runtime),
+            upstream={
+                service: _upstream_status(account, service, runtime.upstream.get(service))
+                for service in ("imap", "smtp")
+            },
+            sessions={"imap": runtime.imap.session_count(), "smtp": runtime.smtp.sessions.active},
+            counters_total=Counters(**since_start),
+            counters_today=Counters(**self.state.counters(name, datetime.now(UTC).date())),
+            outbox=self._outbox_status(name),
+            own_key=self._own_key(name),
+            recipients_known=sum(1 for c in self.store.certs() if not c.is_own),
+            key_warning=self.store.store_key.warning,
+        )
+
+    @staticmethod
+    def _listeners(runtime: AccountRuntime) -> list[Listener]:
+        host = runtime.account.local.host
+        found = [
+            Listener("imap", host, runtime.imap.port, True),
+            Listener("smtp", host, runtime.smtp.port, True),
+        ]
+        if runtime.account.local.imaps_port:
+            found.append(Listener("imaps", host, runtime.imap.imaps_port, True))
+        if runtime.smtps is not None:
+            found.append(Listener("smtps", host, runtime.smtps.port, True))
+        return found
+
+    def _outbox_status(self, account: str) -> OutboxStatus:
+        items = [s for s in self.outbox.summaries() if s.account == account]
+        queued = [s for s in items if s.state != "failed"]
+        return OutboxStatus(
+            queued=len(queued),
+            failed=len(items) - len(queued),
+            oldest=min((s.created for s in queued), default=None),
+        )
+
+    def _own_key(self, account: str) -> KeyStatus | None:
+        try:
+            own = self.store.own_keys(account)
+        except SecretBoxError as exc:
+            return KeyStatus(fingerprint="(locked)", problem=str(exc))
+        if not own:
+            return None
+        stored = max((s for s, _secret in own), key=lambda s: s.info.created)
+        problem = None if stored.info.can_encrypt else "expired, revoked or no encryption key"
+        return KeyStatus(stored.fingerprint, stored.info.expires, problem)
+
+
+def _upstream_status(
+    account: Account, service: str, result: dict[str, Any] | None
+) -> UpstreamStatus:
+    server = account.imap if service == "imap" else account.smtp
+    status = UpstreamStatus(server.host, server.port, server.security)
+    if result is None:
+        return status
+    tls = result.get("tls") or {}
+    return UpstreamStatus(
+        server.host,
+        server.port,
+        server.security,
+        reachable=result["ok"],
+        checked_at=datetime.fromisoformat(result["checked_at"]),
+        tls_version=tls.get("version"),
+        issuer=tls.get("issuer"),
+        expires_at=datetime.fromisoformat(tls["not_after"]) if tls else None,
+        error=(result.get("error") or {}).get("message"),
+    )
 
 
 def run_daemon(config_path: Path) -> int:

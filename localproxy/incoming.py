@@ -9,6 +9,12 @@ the key store about correspondents.
 
 The APPEND side encrypts copies saved to Sent and Drafts to the account's own
 key, so the provider holds only ciphertext there too.
+
+Autocrypt (Level 1, "Updating Autocrypt Peer State") is learned from the whole stored
+message on the view path and, through `observe_headers`, from the header fields the
+relay probes for every message a client fetches, plain mail included. The key store
+keeps every key and prefers user-imported keys, then the newest; the spec's per-peer
+`autocrypt_timestamp` is kept per account in memory only (see AutocryptPeers).
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import hashlib
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from localproxy.config import Account, Config, normalize_address
@@ -33,13 +43,16 @@ from localproxy.crypto.pgpmime import (
     strip_headers,
     unwrap,
 )
+from localproxy.imap.relay import MessageContext
 from localproxy.keys.store import KeyStore
-from localproxy.mime import CRLF, parse_entity, split_header_body
+from localproxy.mime import CRLF, Entity, parse_entity, split_header_body
 
 log = logging.getLogger(__name__)
 
 STATUS_HEADER = "X-LocalProxy-Security"
 EventSink = Callable[[str, dict[str, Any]], None]
+AUTOCRYPT_MAX_HEADER = 10 * 1024  # Level 1: larger headers are treated as invalid
+OBSERVED_LIMIT = 10_000  # messages remembered as already observed, per account
 
 
 class IncomingProcessor:
@@ -59,6 +72,8 @@ class IncomingProcessor:
         self.max_output = 2 * config.proxy.max_message_size
         self.autocrypt = config.policy.setting("autocrypt", account.policy)
         self.on_event = on_event or (lambda kind, data: None)
+        self.peers = AutocryptPeers()
+        self._observed: OrderedDict[tuple[str, str, int, int], None] = OrderedDict()
 
     # ----------------------------------------------------------------------- FETCH view
 
@@ -68,6 +83,8 @@ class IncomingProcessor:
     def view_of(self, raw: bytes) -> bytes:
         stored = strip_headers(raw)
         if self.autocrypt:  # before verifying, so a new correspondent's first mail verifies
+            # No date check here: an older message needs its (older) signing key to verify,
+            # and the store never lets an older key displace a newer one.
             learn_autocrypt(self.store, stored, "autocrypt")
         secret_keys = [secret for _stored, secret in self.store.own_keys(self.account.name)]
         result = unwrap(
@@ -78,6 +95,23 @@ class IncomingProcessor:
         self._count(result)
         status = status_value(result)
         return add_header(result.message, STATUS_HEADER, status) if status else result.message
+
+    async def observe_headers(self, header: bytes, context: MessageContext) -> None:
+        """The relay's header observer: Autocrypt from the probed header fields of any
+        fetched message, once per stored message (IMAP messages never change)."""
+        if not self.autocrypt or b"autocrypt" not in header.lower():
+            return
+        key = (context.account, context.mailbox, context.uidvalidity, context.uid)
+        if key in self._observed:
+            return
+        self._observed[key] = None
+        if len(self._observed) > OBSERVED_LIMIT:
+            self._observed.popitem(last=False)
+        learned = await asyncio.to_thread(
+            learn_autocrypt, self.store, header, "autocrypt", peers=self.peers
+        )
+        if learned:
+            log.info("learned %d key(s) from an Autocrypt header (uid %d)", learned, context.uid)
 
     def _count(self, result: Unwrapped) -> None:
         if result.kind == Kind.PLAIN:
@@ -168,33 +202,131 @@ def add_header(raw: bytes, name: str, value: str) -> bytes:
 # --------------------------------------------------------------------------- Autocrypt
 
 
-def learn_autocrypt(store: KeyStore, raw: bytes, source: str, gossip: bool = False) -> int:
-    """Import keys from Autocrypt (or Autocrypt-Gossip) headers; returns how many were new
-    or updated. Level 1 rules: addr must be the From address (gossip: any addr, but the
-    key must carry it), unknown critical attributes make a header invalid."""
+class AutocryptPeers:
+    """Per peer address (the Level 1 "peers" table, in part): `autocrypt_timestamp`, the
+    effective date of the youngest message whose Autocrypt header was taken, and a digest
+    of that header's key, so the same key met again (every mail of a sender carries it)
+    costs no OpenPGP work. In memory, bounded, shared by the relay's threads; after a
+    restart every header counts as new again."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._peers: OrderedDict[str, tuple[datetime, bytes]] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def outdated(self, addr: str, effective: datetime) -> bool:
+        """Is this message older than the youngest Autocrypt header already taken?"""
+        with self._lock:
+            known = self._peers.get(addr)
+        return known is not None and effective < known[0]
+
+    def known_key(self, addr: str, keydata: bytes) -> bool:
+        with self._lock:
+            known = self._peers.get(addr)
+        return known is not None and known[1] == hashlib.sha256(keydata).digest()
+
+    def record(self, addr: str, effective: datetime, keydata: bytes) -> None:
+        with self._lock:
+            known = self._peers.get(addr)
+            if known is None or effective >= known[0]:
+                self._peers[addr] = (effective, hashlib.sha256(keydata).digest())
+            self._peers.move_to_end(addr)
+            if len(self._peers) > self._limit:
+                self._peers.popitem(last=False)
+
+
+def learn_autocrypt(
+    store: KeyStore,
+    raw: bytes,
+    source: str,
+    gossip: bool = False,
+    peers: AutocryptPeers | None = None,
+) -> int:
+    """Import keys from Autocrypt (or Autocrypt-Gossip) headers of a message or of just
+    its header block; returns how many were new or updated.
+
+    Level 1 rules: auto-replies, reports and mail with several From addresses are
+    ignored; a header is valid when it is at most 10 KiB, has no unknown critical
+    attribute and its addr is the From address; exactly one valid header is taken
+    (several: all discarded). With `peers`, a message older than the youngest header
+    already taken from that sender changes nothing, nor does a key taken before.
+    Gossip: each addr must be a recipient (To, Cc, Reply-To) and the key must carry it."""
     header, _sep, _body = split_header_body(raw)
     entity = parse_entity(header + CRLF)
+    if gossip:
+        return _learn_gossip(store, entity, source)
     sender = _from_address(entity)
-    name = "Autocrypt-Gossip" if gossip else "Autocrypt"
-    fields = entity.get_all(name)
-    if not gossip and len(fields) != 1:
+    if sender is None or _ignored_for_autocrypt(entity):
+        return 0
+    valid = [parsed for parsed in _autocrypt_headers(entity, "Autocrypt") if parsed[0] == sender]
+    if len(valid) != 1:
         return 0  # none, or ambiguous: Level 1 ignores all of them
+    keydata = valid[0][1]
+    if peers is None:
+        return _import_for(store, keydata, sender, source) or 0
+    effective = _effective_date(entity)
+    if peers.outdated(sender, effective):
+        return 0
+    learned = 0 if peers.known_key(sender, keydata) else _import_for(store, keydata, sender, source)
+    if learned is not None:
+        peers.record(sender, effective, keydata)
+    return learned or 0
+
+
+def _learn_gossip(store: KeyStore, entity: Entity, source: str) -> int:
+    recipients = _addresses(entity, "To", "Cc", "Reply-To")
     learned = 0
-    for field in fields:
-        parsed = _parse_autocrypt(field.value)
-        if parsed is None:
-            continue
-        addr, keydata = parsed
-        if not gossip and addr != sender:
-            continue
-        learned += _import_for(store, keydata, addr, source)
+    for addr, keydata in _autocrypt_headers(entity, "Autocrypt-Gossip"):
+        if addr in recipients:
+            learned += _import_for(store, keydata, addr, source) or 0
     return learned
 
 
-def _from_address(entity) -> str | None:
-    field = entity.get("From")
-    address = email.utils.parseaddr(field.value)[1] if field else ""
-    return normalize_address(address) if "@" in address else None
+def _ignored_for_autocrypt(entity: Entity) -> bool:
+    """Auto-replies and reports (RFC 3834, RFC 3798) say nothing about the sender's MUA."""
+    submitted = entity.get("Auto-Submitted")
+    if submitted is not None and submitted.value.lower().startswith("auto-replied"):
+        return True
+    return entity.content_type == "multipart/report"
+
+
+def _autocrypt_headers(entity: Entity, name: str) -> list[tuple[str, bytes]]:
+    """(addr, keydata) of each syntactically valid header called name."""
+    found = []
+    for field in entity.get_all(name):
+        parsed = _parse_autocrypt(field.value) if len(field.raw) <= AUTOCRYPT_MAX_HEADER else None
+        if parsed is not None:
+            found.append(parsed)
+    return found
+
+
+def _effective_date(entity: Entity) -> datetime:
+    """The Date header, or now when it is missing, unreadable or in the future."""
+    now = datetime.now(UTC)
+    field = entity.get("Date")
+    try:
+        date = email.utils.parsedate_to_datetime(field.value) if field else None
+    except (TypeError, ValueError):
+        date = None
+    if date is None:
+        return now
+    if date.tzinfo is None:  # "-0000": UTC, local zone unknown (RFC 5322 3.3)
+        date = date.replace(tzinfo=UTC)
+    return min(date, now)
+
+
+def _from_address(entity: Entity) -> str | None:
+    """The one From address; None when there is none or more than one."""
+    fields = entity.get_all("From")
+    if len(fields) != 1:
+        return None
+    found = [a for _name, a in email.utils.getaddresses([fields[0].value]) if "@" in a]
+    return normalize_address(found[0]) if len(found) == 1 else None
+
+
+def _addresses(entity: Entity, *names: str) -> set[str]:
+    values = [field.value for name in names for field in entity.get_all(name)]
+    return {normalize_address(a) for _name, a in email.utils.getaddresses(values) if "@" in a}
 
 
 def _parse_autocrypt(value: str) -> tuple[str, bytes] | None:
@@ -214,7 +346,8 @@ def _parse_autocrypt(value: str) -> tuple[str, bytes] | None:
     return normalize_address(attributes["addr"]), keydata
 
 
-def _import_for(store: KeyStore, keydata: bytes, addr: str, source: str) -> int:
+def _import_for(store: KeyStore, keydata: bytes, addr: str, source: str) -> int | None:
+    """How many keys were added or updated; None when keydata is not a usable key."""
     try:
         certs = store.engine.parse_certs(keydata)
         if (
@@ -222,9 +355,11 @@ def _import_for(store: KeyStore, keydata: bytes, addr: str, source: str) -> int:
             or certs[0].has_secret
             or addr not in {normalize_address(e) for e in certs[0].emails}
         ):
-            return 0
+            return None
         outcomes = store.import_keys(store.engine.public_only(certs[0].data), source)
     except CryptoError as exc:
         log.info("ignored an unusable Autocrypt key for %s: %s", addr, exc)
-        return 0
+        return None
+    if all(o.action == "skipped" for o in outcomes):
+        return None
     return sum(o.action in ("added", "updated") for o in outcomes)

@@ -17,6 +17,12 @@ Traffic passes through byte-exact except where the relay must step in:
   into the client's session) goes through `transformer`, the result is cached, and every
   content item is computed from `MessageView`. Everything else is forwarded as the provider
   sent it minus the relay's additions, each remaining item spliced byte for byte.
+  With a header observer, the header probe also asks for From, Date, Auto-Submitted and
+  Autocrypt, and the observer gets those fields of every probed message (Autocrypt from
+  plain mail); it runs beside the session and can neither delay nor fail a FETCH;
+* local TLS is the relay's own: STARTTLS (clear-text bytes the client pipelined after it
+  are dropped unread) and an implicit-TLS port share one certificate; off loopback,
+  LOGIN/AUTHENTICATE wait for TLS (LOGINDISABLED, NO [PRIVACYREQUIRED]).
 
 If a view cannot be built, the message's FETCH response is withheld and the command ends
 with `NO [UNAVAILABLE]`: a client caches what it is served under its UID for good, so
@@ -33,10 +39,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ipaddress
 import itertools
 import logging
 import quopri
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -105,15 +113,17 @@ STATUS_HEADER_PREFIX = "x-localproxy-"
 # spot on the fast path. A transformer must only ever add headers from this list.
 STATUS_HEADER_NAMES = ("X-LOCALPROXY-SECURITY", "X-LOCALPROXY-STATUS")
 TEXT_PROBE_LENGTH = 128
-HEADER_PROBE = FetchItem(
-    "BODY",
-    Section(
-        (), "HEADER.FIELDS", ("CONTENT-TYPE", "CONTENT-TRANSFER-ENCODING", *STATUS_HEADER_NAMES)
-    ),
-    peek=True,
-)
+PROBE_HEADER_NAMES = ("CONTENT-TYPE", "CONTENT-TRANSFER-ENCODING", *STATUS_HEADER_NAMES)
+# Probed as well when a header observer is set: what deciding on an Autocrypt header
+# needs (sender, effective date, auto-replies).
+OBSERVED_HEADER_NAMES = ("FROM", "DATE", "AUTO-SUBMITTED", "AUTOCRYPT")
 TEXT_PROBE = FetchItem("BODY", Section((), "TEXT"), (0, TEXT_PROBE_LENGTH), peek=True)
 UID_ITEM = FetchItem("UID")
+# Observers run beside the session; past this many unfinished ones, further messages
+# are not observed (a later FETCH of them is).
+MAX_PENDING_OBSERVERS = 256
+OBSERVER_GRACE = 10.0  # close() waits this long for observers still at work
+TLS_HANDSHAKE_TIMEOUT = 30.0
 # Top-level types whose view differs from the stored message (decrypted or verified).
 VIEW_TYPES = frozenset(
     {
@@ -129,10 +139,10 @@ ARMOR_LINES = (b"-----BEGIN PGP MESSAGE-----", b"-----BEGIN PGP SIGNED MESSAGE--
 # side session can replay them.
 REPLAYABLE_MECHANISMS = frozenset({b"PLAIN", b"LOGIN", b"XOAUTH2", b"OAUTHBEARER"})
 # Commands of extensions the relay never offers; forwarding them would change the
-# session under the relay (compression, TLS, re-authentication) or hand out stored
-# content the relay cannot rewrite.
+# session under the relay (compression, re-authentication) or hand out stored content
+# the relay cannot rewrite. STARTTLS is answered locally (see ImapSession._on_starttls).
+NO_LOCAL_TLS = "STARTTLS is not offered on this local port"
 BLOCKED_COMMANDS = {
-    b"STARTTLS": "STARTTLS is not offered on this local port",
     b"COMPRESS": "compression is not available through localproxy",
     b"UNAUTHENTICATE": "UNAUTHENTICATE is not available through localproxy",
     b"REPLACE": "REPLACE is not available through localproxy",
@@ -160,6 +170,9 @@ class MessageContext:
 
 Transformer: TypeAlias = Callable[[bytes, MessageContext], Awaitable[bytes]]
 AppendTransformer: TypeAlias = Callable[[str, bytes], Awaitable[bytes]]
+# Sees the probed header fields (OBSERVED_HEADER_NAMES among them) of every message a
+# rewritten FETCH touches; runs beside the session and never affects what the client gets.
+HeaderObserver: TypeAlias = Callable[[bytes, MessageContext], Awaitable[None]]
 
 
 def strip_status_headers(raw: bytes) -> bytes:
@@ -200,7 +213,13 @@ class Credentials:
 
 
 class ImapProxy:
-    """The local IMAP listener of one account."""
+    """The local IMAP listener of one account.
+
+    With a `tls_context` the clear-text port offers STARTTLS and, when the account sets
+    `local.imaps_port`, a second port speaks implicit TLS with the same context. Login
+    before TLS is refused with LOGINDISABLED / PRIVACYREQUIRED when `login_requires_tls`
+    (default: the listen address is not loopback, so credentials would cross a network).
+    """
 
     def __init__(
         self,
@@ -211,40 +230,115 @@ class ImapProxy:
         append_mailboxes: Iterable[str] = (),
         max_literal_size: int = DEFAULT_MAX_LITERAL,
         cache: ViewCache | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        login_requires_tls: bool | None = None,
+        header_observer: HeaderObserver | None = None,
     ) -> None:
         self.account = account
         self.transformer = transformer
         self.append_transformer = append_transformer
         self.max_literal_size = max_literal_size
         self.cache = cache if cache is not None else ViewCache()
+        self.tls_context = tls_context
+        if login_requires_tls is None:
+            login_requires_tls = not is_loopback(account.local.host)
+        self.login_requires_tls = login_requires_tls
+        self.header_observer = header_observer
+        extra = OBSERVED_HEADER_NAMES if header_observer is not None else ()
+        self.probes = Probes(extra)
         # Mailboxes whose APPENDs go through append_transformer: configured names plus
         # those a LIST response flagged \Sent or \Drafts (RFC 6154).
         self.append_mailboxes = {_mailbox_key(name.encode()) for name in append_mailboxes}
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self._observers: set[asyncio.Task[None]] = set()
         self._numbers = itertools.count(1)
 
     @property
     def port(self) -> int:
         """The bound port (useful when the account says port 0)."""
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the proxy is not listening")
-        return int(self._server.sockets[0].getsockname()[1])
+        return _bound_port(self._server)
+
+    @property
+    def imaps_port(self) -> int:
+        """The bound implicit-TLS port."""
+        return _bound_port(self._tls_server)
 
     async def start(self) -> None:
         local = self.account.local
+        if self.login_requires_tls and self.tls_context is None:
+            log.warning(
+                "imap[%s] on %s without a TLS certificate: no client can log in",
+                self.account.name,
+                local.host,
+            )
         self._server = await asyncio.start_server(self._on_client, local.host, local.imap_port)
         log.info("imap[%s] listening on %s:%d", self.account.name, local.host, self.port)
+        if local.imaps_port is None:
+            return
+        if self.tls_context is None:
+            log.warning(
+                "imap[%s] imaps_port %d needs the local certificate; not listening there",
+                self.account.name,
+                local.imaps_port,
+            )
+            return
+        try:
+            self._tls_server = await asyncio.start_server(
+                self._on_client,
+                local.host,
+                local.imaps_port,
+                ssl=self.tls_context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        except BaseException:
+            await self.close()
+            raise
+        log.info("imap[%s] TLS on %s:%d", self.account.name, local.host, self.imaps_port)
+
+    def session_count(self) -> int:
+        """Client sessions open right now (for `localproxy status`)."""
+        return len(self._sessions)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        for server in servers:
+            server.close()
         for task in list(self._sessions):
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in servers:
+            await server.wait_closed()
+        self._server = self._tls_server = None
+        if self._observers:  # they run in threads: let them finish with the key store
+            await asyncio.wait(list(self._observers), timeout=OBSERVER_GRACE)
+
+    def observe_in_background(self, header: bytes, context: MessageContext) -> None:
+        """Hand a message's probed header fields to the observer, beside the session."""
+        if self.header_observer is None:
+            return
+        if len(self._observers) >= MAX_PENDING_OBSERVERS:
+            log.debug(
+                "imap[%s] observers busy; uid %d not observed", self.account.name, context.uid
+            )
+            return
+        task = asyncio.create_task(self._observe(self.header_observer, header, context))
+        self._observers.add(task)
+        task.add_done_callback(self._observers.discard)
+
+    async def _observe(
+        self, observer: HeaderObserver, header: bytes, context: MessageContext
+    ) -> None:
+        try:
+            await observer(header, context)
+        except Exception:
+            log.warning(
+                "imap[%s] header observer failed on uid %d",
+                self.account.name,
+                context.uid,
+                exc_info=True,
+            )
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -258,6 +352,22 @@ class ImapProxy:
             pass
         finally:
             self._sessions.discard(task)
+
+
+def _bound_port(server: asyncio.Server | None) -> int:
+    if server is None or not server.sockets:
+        raise RuntimeError("the proxy is not listening")
+    return int(server.sockets[0].getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    """Does this listen address stay on the machine? (Clear-text login is fine there.)"""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- per-session state
@@ -283,10 +393,23 @@ def item_key(item: FetchItem) -> ItemKey:
     return item.name, section, item.partial[0] if item.partial else None
 
 
-HEADER_PROBE_KEY = item_key(HEADER_PROBE)
-TEXT_PROBE_KEY = item_key(TEXT_PROBE)
-_PROBE_KEYS = (HEADER_PROBE_KEY, TEXT_PROBE_KEY)
 UID_KEY = item_key(UID_ITEM)
+
+
+class Probes:
+    """The items a rewritten FETCH gets on top of the client's: some top-level header
+    fields (extra names for a header observer) and the first octets of the text."""
+
+    def __init__(self, extra_header_names: Iterable[str] = ()) -> None:
+        names = (*PROBE_HEADER_NAMES, *extra_header_names)
+        self.header = FetchItem("BODY", Section((), "HEADER.FIELDS", names), peek=True)
+        self.text = TEXT_PROBE
+        self.header_key = item_key(self.header)
+        self.text_key = item_key(self.text)
+        self.keys = (self.header_key, self.text_key)
+
+
+DEFAULT_PROBES = Probes()
 
 
 @dataclass
@@ -371,7 +494,15 @@ class ImapSession:
         self.account = proxy.account
         self.client_reader = reader
         self.client_writer = writer
+        # After STARTTLS: the clear-text writer, kept so that collecting it cannot close
+        # the connection the TLS layer now runs on
+        self.plain_writer: asyncio.StreamWriter | None = None
+        self.client_tls = writer.get_extra_info("sslcontext") is not None  # implicit TLS
+        self.authenticated = False
+        # while the client's TLS handshake runs, output waits here (None: write directly)
+        self.held_output: list[bytes] | None = None
         self.name = f"imap[{self.account.name}#{number}]"
+        self.probes = proxy.probes
         self.client = ClientParser(max_literal_size=proxy.max_literal_size)
         self.server = ServerParser()
         self.upstream: ImapUpstream | None = None
@@ -421,8 +552,9 @@ class ImapSession:
         event = parser.next_event()
         if isinstance(event, Untagged):
             self._learn_capabilities(event)
+            self.authenticated = event.status == b"PREAUTH"
         log.info("%s provider connected (%s)", self.name, self.upstream.tls.version)
-        self._to_client(rewrite_capabilities(greeting, CAPABILITY_POLICY))
+        self._to_client(self._client_capabilities(greeting))
         return True
 
     async def _relay(self) -> None:
@@ -441,18 +573,27 @@ class ImapSession:
                 raise exc
 
     async def _shutdown(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.client_writer.drain()
+        # After a failed TLS handshake the connection is already gone, and the clear-text
+        # writer would never learn it (the TLS layer had taken its place): do not wait.
+        connected = self.held_output is None
+        if connected:
+            with contextlib.suppress(Exception):
+                await self.client_writer.drain()
         self.client_writer.close()
         if self.side is not None:
             await self.side.close()
         if self.upstream is not None:
             await self.upstream.close()
-        with contextlib.suppress(Exception):
-            await self.client_writer.wait_closed()
+        if connected:
+            with contextlib.suppress(Exception):
+                await self.client_writer.wait_closed()
+        if self.plain_writer is not None:
+            self.plain_writer.close()
 
     def _to_client(self, data: bytes) -> None:
-        if not self.client_writer.is_closing():
+        if self.held_output is not None:
+            self.held_output.append(data)
+        elif not self.client_writer.is_closing():
             self.client_writer.write(data)
 
     def _bye(self, code: bytes, text: str) -> None:
@@ -511,7 +652,13 @@ class ImapSession:
         if verb in BLOCKED_COMMANDS:
             self._to_client(status_response(command.tag, b"BAD", BLOCKED_COMMANDS[verb]))
             return
+        if verb in (b"LOGIN", b"AUTHENTICATE") and self._login_disabled():
+            text = "log in after STARTTLS: this port is reachable from the network"
+            code = ResponseCode.build(b"PRIVACYREQUIRED")
+            self._to_client(status_response(command.tag, b"NO", text, code))
+            return
         handler = {
+            b"STARTTLS": self._on_starttls,
             b"LOGIN": self._on_login,
             b"AUTHENTICATE": self._on_authenticate,
             b"IDLE": self._on_idle,
@@ -526,6 +673,79 @@ class ImapSession:
             await handler(command)
         else:
             await self._send(command, Pending(verb))
+
+    # -- local TLS ------------------------------------------------------------------------------
+
+    def _login_disabled(self) -> bool:
+        return self.proxy.login_requires_tls and not self.client_tls
+
+    def _client_capabilities(self, raw: bytes) -> bytes:
+        """A capability line for the client: the provider's list filtered, plus what the
+        relay itself offers before login (STARTTLS, LOGINDISABLED)."""
+        return rewrite_capabilities(raw, CAPABILITY_POLICY, self._local_capabilities())
+
+    def _local_capabilities(self) -> tuple[bytes, ...]:
+        login_pending = any(p.verb in (b"LOGIN", b"AUTHENTICATE") for p in self.pending.values())
+        if self.authenticated or login_pending or self.client_tls:
+            return ()
+        offered = (b"STARTTLS",) if self.proxy.tls_context is not None else ()
+        return offered + ((b"LOGINDISABLED",) if self._login_disabled() else ())
+
+    async def _on_starttls(self, command: Command) -> None:
+        refusal = self._starttls_refusal(command)
+        if refusal is not None:
+            self._to_client(status_response(command.tag, b"BAD", refusal))
+            return
+        self._to_client(status_response(command.tag, b"OK", "Begin TLS negotiation now"))
+        # Whatever the client sent after STARTTLS arrived in clear and may have been
+        # injected by someone on the path: drop it unread (RFC 9051 11.1).
+        self.client = ClientParser(max_literal_size=self.proxy.max_literal_size)
+        try:
+            await self._upgrade_client()
+        except OSError as exc:  # ssl.SSLError, timeouts and resets included
+            log.info("%s TLS handshake with the client failed: %r", self.name, exc)
+            raise
+        log.info("%s client switched to TLS", self.name)
+
+    def _starttls_refusal(self, command: Command) -> str | None:
+        if self.proxy.tls_context is None:
+            return NO_LOCAL_TLS
+        if self.client_tls:
+            return "TLS is already active"
+        if self.authenticated:
+            return "STARTTLS is only allowed before login"
+        if command.args:
+            return "STARTTLS takes no arguments"
+        if self.pending:
+            return "STARTTLS must wait until the commands before it are complete"
+        return None
+
+    async def _upgrade_client(self) -> None:
+        """TLS on the client connection. A fresh reader and protocol take over, so bytes
+        that reached the clear-text reader before the handshake are never read."""
+        context = self.proxy.tls_context
+        assert context is not None
+        plain = self.client_writer
+        self.held_output = []  # the provider's lines must not go out in clear meanwhile
+        await plain.drain()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport = await loop.start_tls(
+            plain.transport,
+            protocol,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        )
+        protocol.connection_made(transport)  # start_tls leaves this to the caller
+        self.plain_writer = plain
+        self.client_reader = reader
+        self.client_writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self.client_tls = True
+        held, self.held_output = self.held_output, None
+        for data in held:
+            self._to_client(data)
 
     async def _send(self, command: Command, pending: Pending) -> None:
         """Send a command upstream; synchronizing literals wait for the provider's "+"."""
@@ -653,7 +873,9 @@ class ImapSession:
             await self._send(command, Pending(command.verb))
             return
         uid_command = command.subcommand is not None
-        items, added = _upstream_fetch_items(command.args[1], request.items, uid_command)
+        items, added = _upstream_fetch_items(
+            command.args[1], request.items, uid_command, self.probes
+        )
         context = FetchContext(command.tag, request.items, added)
         args = (command.args[0], PList(tuple(items)), *command.args[2:])
         rewritten = build_command(command.tag, command.name, args, command.subcommand)
@@ -735,7 +957,7 @@ class ImapSession:
                 self._learn_special_use(response)
             has_caps = has_caps or response.name == b"ENABLED"
         raw = response.raw
-        self._to_client(rewrite_capabilities(raw, CAPABILITY_POLICY) if has_caps else raw)
+        self._to_client(self._client_capabilities(raw) if has_caps else raw)
 
     def _on_tagged(self, response: Tagged) -> None:
         if self.literal_wait is not None and self.literal_wait[0] == response.tag:
@@ -745,7 +967,7 @@ class ImapSession:
         pending = self.pending.pop(response.tag, None)
         if pending is not None:
             raw = self._complete(pending, response) or raw
-        self._to_client(rewrite_capabilities(raw, CAPABILITY_POLICY) if has_caps else raw)
+        self._to_client(self._client_capabilities(raw) if has_caps else raw)
         if pending is not None and pending.fetch is not None:
             pending.fetch.done.set()
 
@@ -777,6 +999,7 @@ class ImapSession:
             self._back_to_commands()
         if not ok:
             return
+        self.authenticated = True
         credentials = pending.credentials
         if pending.verb == b"AUTHENTICATE" and pending.mechanism in REPLAYABLE_MECHANISMS:
             credentials = Credentials(
@@ -860,16 +1083,29 @@ class ImapSession:
         sequence, items = parsed
         # Only a response carrying the probes answers the rewritten command; others (an
         # earlier pipelined UID FETCH FLAGS, a flag update) keep everything they have.
-        ours = context is not None and any(i.key in _PROBE_KEYS for i in items)
+        ours = context is not None and any(i.key in self.probes.keys for i in items)
         added = context.added if ours and context is not None else set()
         content = [i for i in items if i.content_derived and i.key not in added]
+        if ours:
+            self._observe_headers(items)
         # Without probes (unsolicited, or split off by the provider) nothing tells a
         # plain message from an encrypted one: the view is always right.
-        plain = ours and not _needs_view(items)
+        plain = ours and not _needs_view(items, self.probes)
         if not content or plain:
             self._forward_fetch(response.raw, sequence, items, added)
         else:
             await self._serve_view(sequence, items, added, context)
+
+    def _observe_headers(self, items: list[_ResponseItem]) -> None:
+        if self.proxy.header_observer is None or self.selected is None:
+            return
+        header = next((i.token for i in items if i.key == self.probes.header_key), None)
+        header_block, uid = _string_value(header), _uid_of(items)
+        if header_block is None or uid is None:
+            return
+        mailbox = self.selected.mailbox.decode("utf-8", "replace")
+        context = MessageContext(self.account.name, mailbox, self.selected.uidvalidity, uid)
+        self.proxy.observe_in_background(header_block, context)
 
     def _forward_fetch(
         self, raw: bytes, sequence: int, items: list[_ResponseItem], added: set[ItemKey]
@@ -949,7 +1185,10 @@ class ImapSession:
 
 
 def _upstream_fetch_items(
-    requested_token: Token, requested: list[FetchItem], uid_command: bool
+    requested_token: Token,
+    requested: list[FetchItem],
+    uid_command: bool,
+    probes: Probes = DEFAULT_PROBES,
 ) -> tuple[list[Token], set[ItemKey]]:
     """The client's items as it wrote them, plus UID and the probes it did not ask for."""
     if isinstance(requested_token, PList):
@@ -962,7 +1201,9 @@ def _upstream_fetch_items(
         tokens = [requested_token]
     present = {item_key(item) for item in requested}
     added: set[ItemKey] = set()
-    extras = [HEADER_PROBE, TEXT_PROBE] if uid_command else [UID_ITEM, HEADER_PROBE, TEXT_PROBE]
+    extras = [probes.header, probes.text]
+    if not uid_command:
+        extras.insert(0, UID_ITEM)
     for extra in extras:
         key = item_key(extra)
         if key not in present:
@@ -1022,11 +1263,11 @@ def _string_value(value: Token | None) -> bytes | None:
     return None
 
 
-def _needs_view(items: list[_ResponseItem]) -> bool:
+def _needs_view(items: list[_ResponseItem], probes: Probes = DEFAULT_PROBES) -> bool:
     """From the probes: must this message be served from a view? Unknown means yes: the
     view is always right, only slower."""
-    probes = {i.key: _string_value(i.token) for i in items if i.key in _PROBE_KEYS}
-    header = probes.get(HEADER_PROBE_KEY)
+    values = {i.key: _string_value(i.token) for i in items if i.key in probes.keys}
+    header = values.get(probes.header_key)
     if header is None:
         return True
     fields = parse_headers(header)
@@ -1039,7 +1280,8 @@ def _needs_view(items: list[_ResponseItem]) -> bool:
     if ctype != "text/plain":
         return False
     encoding = next((f for f in fields if f.name.lower() == "content-transfer-encoding"), None)
-    return _may_be_armored(probes.get(TEXT_PROBE_KEY), encoding.value.lower() if encoding else "")
+    text = values.get(probes.text_key)
+    return _may_be_armored(text, encoding.value.lower() if encoding else "")
 
 
 def _may_be_armored(text: bytes | None, encoding: str) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import secrets
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from localproxy.crypto.pgpmime import Kind, classify, encrypt_message, sign_mess
 from localproxy.keys.store import KeyStore
 from localproxy.mime import (
     CRLF,
+    Header,
     header_field,
     parse_entity,
     parse_headers,
@@ -86,7 +86,7 @@ def compose(
     engine: OpenPGPEngine,
 ) -> list[Copy]:
     """The copies to send, first copy first. Raises PolicyRefusal."""
-    prepared = prepare_headers(to_crlf(raw))
+    prepared = prepare_headers(to_crlf(raw), account.addresses[0].rpartition("@")[2])
     entity = parse_entity(prepared)
     if classify(entity) != Kind.PLAIN:
         return [Copy(tuple(recipients), prepared, "passthrough")]
@@ -154,18 +154,39 @@ def _build(prepared: bytes, plan: _Plan, sender: Sender, engine: OpenPGPEngine) 
 # --------------------------------------------------------------------------- headers
 
 
-def prepare_headers(raw: bytes) -> bytes:
-    """Drop Bcc; add Message-ID and Date when missing so every copy shares them."""
-    header, sep, body = split_header_body(raw)
-    fields = [h for h in parse_headers(header) if h.name.lower() != "bcc"]
+def prepare_headers(raw: bytes, default_domain: str = "localhost") -> bytes:
+    """Drop Bcc; add Message-ID and Date when missing so every copy shares them.
+
+    The Message-ID's domain is From's, else the account's: never the machine's own
+    name (socket.getfqdn() would tell every recipient, and can stall on DNS).
+    """
+    fields, sep, body = header_section(raw)
+    fields = [h for h in fields if h.name.lower() != "bcc"]
     names = {h.name.lower() for h in fields}
     extra = b""
     if "message-id" not in names:
-        domain = _from_domain(fields) or socket.getfqdn() or "localhost"
+        domain = _from_domain(fields) or default_domain
         extra += header_field("Message-ID", f"<{secrets.token_hex(16)}@{domain}>")
     if "date" not in names:
         extra += header_field("Date", email.utils.formatdate(localtime=True))
     return b"".join(h.raw for h in fields) + extra + (sep or CRLF) + body
+
+
+def header_section(raw: bytes) -> tuple[list[Header], bytes, bytes]:
+    """(header fields, blank line, body), where the first line that is no header field
+    starts the body, as in Postfix.
+
+    Without this, such a line (and with no blank line, the whole body) would be
+    kept as a "header" and copied to the unencrypted outer header of an encrypted
+    copy: plaintext in clear.
+    """
+    header, sep, body = split_header_body(raw)
+    fields = parse_headers(header)
+    first_bad = next((i for i, h in enumerate(fields) if not h.name), None)
+    if first_bad is None:
+        return fields, sep, body
+    rest = b"".join(h.raw for h in fields[first_bad:])
+    return fields[:first_bad], CRLF, rest + sep + body
 
 
 def _from_domain(fields) -> str | None:

@@ -15,8 +15,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ipaddress
 import json
 import logging
+import ssl
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -35,11 +37,15 @@ from localproxy.tls import UpstreamError
 from localproxy.upstream import connect_smtp
 
 log = logging.getLogger(__name__)
-# aiosmtpd logs every raw command line (AUTH PLAIN <base64> included) at DEBUG.
-logging.getLogger("mail.log").setLevel(logging.WARNING)
+# aiosmtpd logs raw protocol lines at DEBUG: SASL exchanges and, with "DATA readline",
+# the plaintext of every message. Dropped by a filter too, so turning the logger up
+# for debugging cannot put secrets into a log file.
+_aiosmtpd_log = logging.getLogger("mail.log")
+_aiosmtpd_log.setLevel(logging.WARNING)
+_aiosmtpd_log.addFilter(lambda record: record.levelno > logging.DEBUG)
 
 MAX_RECIPIENTS = 100
-MAX_SESSIONS = 20
+MAX_SESSIONS = 20  # per listener
 # Armor and MIME framing make an encrypted message about a third larger than the
 # original: advertise a SIZE that still fits the provider's limit once encrypted.
 ENCRYPTION_GROWTH = 1.4
@@ -141,6 +147,7 @@ class SmtpHandler:
         self.on_event = on_event or (lambda kind, data: None)
         self.outbox_wake: Callable[[], None] = lambda: None
         self.upstream_size: int | None = None  # the provider's SIZE, once seen
+        self.in_flight = 0  # DATA transactions being sent upstream right now
         self._auth_failures = 0
 
     def size_limit(self) -> int:
@@ -212,11 +219,14 @@ class SmtpHandler:
         mail_options: list[str],
     ) -> str:
         proxy = _proxy(session)
+        encoding = _address_encoding(address, envelope.smtp_utf8)
+        if encoding is None:
+            return _needs_smtputf8(address)
         try:
             upstream = await self._upstream(proxy)
             if proxy.transaction_open:
                 await upstream.rset()
-            await upstream.mail(address, options=_pass_options(mail_options))
+            await upstream.mail(address, options=_pass_options(mail_options), encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
             return _reply(exc)
         except (UpstreamError, UpstreamRefused, aiosmtplib.SMTPException) as exc:
@@ -235,13 +245,16 @@ class SmtpHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return f"452 4.5.3 Too many recipients (at most {MAX_RECIPIENTS} per message)"
+        encoding = _address_encoding(address, envelope.smtp_utf8)
+        if encoding is None:
+            return _needs_smtputf8(address)
         refusal = refusal_for_recipient(address, self.account, self.config.policy, self.store)
         if refusal:
             return refusal
         proxy = _proxy(session)
         try:
             assert proxy.upstream is not None
-            await proxy.upstream.rcpt(address, options=rcpt_options)
+            await proxy.upstream.rcpt(address, options=rcpt_options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
             return _reply(exc)
         except (aiosmtplib.SMTPException, AssertionError) as exc:
@@ -259,6 +272,12 @@ class SmtpHandler:
                 proxy.close()  # the next MAIL reconnects
             proxy.transaction_open = False
         return "250 2.0.0 OK"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default reply is "500 Error: (Type) text": permanent, so the client
+        # would give up on a message that a retry may well deliver.
+        log.error("SMTP session failed", exc_info=error)
+        return "451 4.3.0 localproxy: internal error, please try again later"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         proxy = _proxy(session)
@@ -280,7 +299,12 @@ class SmtpHandler:
             log.exception("composing the outgoing message failed")
             await self.handle_RSET(server, session, envelope)
             return "451 4.3.0 localproxy: could not prepare the message; it was not sent"
-        reply = await self._send_copies(proxy, envelope, copies)
+        self.in_flight += 1
+        try:
+            # Shielded: a shutdown must not cut off the copies after the first one.
+            reply = await asyncio.shield(self._send_copies(proxy, envelope, copies))
+        finally:
+            self.in_flight -= 1
         proxy.transaction_open = False
         return reply
 
@@ -293,9 +317,12 @@ class SmtpHandler:
         except UpstreamRefused as refused:
             return str(refused)
         except (aiosmtplib.SMTPException, OSError) as exc:
+            # Dropped or timed out before the provider confirmed: the client keeps the
+            # message and retries (at worst a duplicate, never a loss).
             proxy.close()
             return (
-                f"451 4.4.2 localproxy: connection to the provider lost, nothing was sent ({exc})"
+                "451 4.4.2 localproxy: the provider did not confirm the message "
+                f"({str(exc) or type(exc).__name__}); please try again"
             )
         self._count(first)
         for copy in rest:
@@ -369,10 +396,16 @@ async def _transaction(
     upstream: aiosmtplib.SMTP, mail_from: str | None, copy: Copy, mail_options: list[str]
 ) -> str:
     """One MAIL/RCPT/DATA exchange; UpstreamRefused with the provider's reply on error."""
+    options, encoding = _pass_options(mail_options), "ascii"
+    # Outbox items do not keep the client's MAIL options: non-ASCII addresses decide.
+    if not all(a.isascii() for a in (mail_from or "", *copy.recipients)):
+        encoding = "utf-8"
+        if "SMTPUTF8" not in (o.upper() for o in options):
+            options.append("SMTPUTF8")
     try:
-        await upstream.mail(mail_from or "", options=_pass_options(mail_options))
+        await upstream.mail(mail_from or "", options=options, encoding=encoding)
         for recipient in copy.recipients:
-            await upstream.rcpt(recipient)
+            await upstream.rcpt(recipient, encoding=encoding)
         response = await upstream.data(copy.message)
     except aiosmtplib.SMTPResponseException as exc:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
@@ -384,6 +417,21 @@ async def _transaction(
 def _pass_options(options: list[str]) -> list[str]:
     """SIZE changes once a message is encrypted; BODY/SMTPUTF8 stay as the client said."""
     return [o for o in options if not o.upper().startswith("SIZE=")]
+
+
+def _address_encoding(address: str, smtputf8: bool) -> str | None:
+    """How to send an address upstream; None when it is non-ASCII without SMTPUTF8.
+
+    aiosmtplib encodes addresses as ASCII unless told otherwise, so a non-ASCII one
+    would raise UnicodeEncodeError; RFC 6531 allows it only after MAIL ... SMTPUTF8.
+    """
+    if address.isascii():
+        return "ascii"
+    return "utf-8" if smtputf8 else None
+
+
+def _needs_smtputf8(address: str) -> str:
+    return f"553 5.6.7 <{address}>: a non-ASCII address needs MAIL FROM with SMTPUTF8"
 
 
 def _proxy(session: Session) -> ProxySession:
@@ -411,52 +459,120 @@ def _text(data: bytes) -> str:
 # --------------------------------------------------------------------------- listener
 
 
-class LocalSMTP(SMTP):
-    """aiosmtpd's SMTP with a session cap and the upstream closed with the client."""
+class SessionLimit:
+    """Concurrent client sessions of one listener."""
 
-    active = 0
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self.limit = limit
+        self.active = 0
+        self.open: set[LocalSMTP] = set()
+
+
+class LocalSMTP(SMTP):
+    """aiosmtpd's SMTP with a session cap, clearer limit replies, and the upstream
+    connection closed with the client's."""
+
+    def __init__(self, handler: SmtpHandler, *, sessions: SessionLimit, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.sessions = sessions
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        LocalSMTP.active += 1
-        if LocalSMTP.active > MAX_SESSIONS:
+        self.sessions.active += 1
+        if self.sessions.active > self.sessions.limit:
+            self._refused = True
             transport.write(b"421 4.7.0 localproxy: too many connections, try again later\r\n")  # type: ignore[attr-defined]
             transport.close()
             return
+        self.sessions.open.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        LocalSMTP.active -= 1
+        self.sessions.active -= 1
+        self.sessions.open.discard(self)
+        if self._refused:
+            return  # aiosmtpd never set this connection up; its teardown would fail
         if self.session is not None and isinstance(self.session.auth_data, ProxySession):
             self.session.auth_data.close()
         super().connection_lost(error)
 
+    def goodbye(self) -> None:
+        """Shutdown: tell the client to come back later (RFC 5321 3.8) and hang up."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"421 4.3.2 localproxy is shutting down, try again later\r\n")  # type: ignore[attr-defined]
+            self.transport.close()
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = self._limit_reply(status)
+        await super().push(status)
+
+    def _limit_reply(self, status: str) -> str:
+        """aiosmtpd's replies for its limits, with enhanced status codes and the limit."""
+        if status.startswith("552 Error:"):  # "Too much mail data", or MAIL ... SIZE=
+            return f"552 5.3.4 Message too big: at most {self.data_size_limit} bytes"
+        if status.startswith("500 Line too long"):
+            return "500 5.5.2 Line too long: at most 1000 octets per line (RFC 5321 4.5.3.1.6)"
+        if status == "500 Command line too long":
+            return "500 5.5.2 Command line too long"
+        return status
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 class SmtpProxy:
-    """The listener of one account."""
+    """One listener of one account: plain with optional STARTTLS (`tls_context`), or
+    implicit TLS (`implicit_tls`, the smtps port).
+
+    AUTH needs TLS first when `require_tls_for_auth`; by default that is so unless the
+    host is loopback (in clear there it never leaves the machine).
+    """
 
     def __init__(
-        self, handler: SmtpHandler, *, host: str, port: int, tls_context: Any = None
+        self,
+        handler: SmtpHandler,
+        *,
+        host: str,
+        port: int,
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+        require_tls_for_auth: bool | None = None,
     ) -> None:
+        if tls_context is not None and implicit_tls is not None:
+            raise ValueError("a listener offers either STARTTLS or implicit TLS")
+        if require_tls_for_auth is None:
+            require_tls_for_auth = not is_loopback(host)
+        if require_tls_for_auth and tls_context is None and implicit_tls is None:
+            raise ValueError(f"{host}: AUTH requires TLS here, but no certificate was given")
         self.handler = handler
         self.host, self.port = host, port
-        self.tls_context = tls_context
+        self.tls_context, self.implicit_tls = tls_context, implicit_tls
+        self.require_tls_for_auth = require_tls_for_auth
+        self.sessions = SessionLimit()
         self._server: asyncio.base_events.Server | None = None
 
     def _factory(self) -> SMTP:
-        # Loopback in clear is fine (it never leaves the machine); a remote
-        # listener must have TLS before credentials cross the network.
-        loopback = self.host in ("127.0.0.1", "::1", "localhost")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
             return LocalSMTP(
                 self.handler,
+                sessions=self.sessions,
                 data_size_limit=self.handler.size_limit(),
                 enable_SMTPUTF8=True,
                 decode_data=False,
                 hostname="localproxy",
                 ident="localproxy ESMTP",
                 auth_required=True,
-                auth_require_tls=not loopback,
+                # With implicit TLS the whole connection is encrypted already, but
+                # aiosmtpd only knows about TLS it started itself (STARTTLS).
+                auth_require_tls=self.require_tls_for_auth and self.implicit_tls is None,
                 tls_context=self.tls_context,
                 require_starttls=False,
                 auth_exclude_mechanism=["CRAM-MD5"],
@@ -464,14 +580,32 @@ class SmtpProxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, self.host, self.port)
+        self._server = await loop.create_server(
+            self._factory, self.host, self.port, ssl=self.implicit_tls
+        )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("SMTP for %s listening on %s:%d", self.handler.account.name, self.host, self.port)
+        log.info(
+            "SMTP%s for %s listening on %s:%d",
+            "S" if self.implicit_tls else "",
+            self.handler.account.name,
+            self.host,
+            self.port,
+        )
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting; let messages already in DATA finish (a copy sent but its
+        siblings not yet queued would otherwise be lost), then 421 to the rest."""
         if self._server is not None:
             self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.handler.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.sessions.open):
+            connection.goodbye()
+        if self._server is not None:
             await self._server.wait_closed()
+            self._server = None
 
 
 # --------------------------------------------------------------------------- outbox delivery

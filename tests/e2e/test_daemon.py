@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -222,3 +223,66 @@ def test_not_running_is_explained(clean_provider, tmp_path):
     )
     assert done.returncode == 3
     assert "not running" in done.stderr and "localproxy run" in done.stderr
+
+
+def status_json(daemon: Running) -> dict:
+    done = daemon.cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_status_json_reflects_the_traffic_exactly(daemon, clean_provider):
+    before = status_json(daemon)["accounts"][0]
+    assert before["counters_total"]["sent_plain"] == 0
+    for _ in range(3):
+        send(clean_provider, daemon.smtp_port)
+    clean_provider.wait_for_messages("bob", 3)
+    account = status_json(daemon)["accounts"][0]
+    assert account["counters_total"]["sent_plain"] == 3
+    assert account["counters_today"]["sent_plain"] >= 3
+    assert account["counters_total"]["sent_encrypted"] == 0, "bob's key is not known"
+    assert account["own_key"]["fingerprint"] and account["own_key"]["problem"] is None
+    assert {(x["kind"], x["port"]) for x in account["listeners"]} >= {
+        ("smtp", daemon.smtp_port),
+        ("imap", daemon.imap_port),
+    }
+    assert account["outbox"]["queued"] == 0
+
+
+def test_status_view_renders_what_a_person_needs(daemon, clean_provider):
+    deadline = time.monotonic() + 15
+    while status_json(daemon)["accounts"][0]["upstream"]["imap"]["reachable"] is None:
+        assert time.monotonic() < deadline, "the first upstream check never finished"
+        time.sleep(0.2)
+    env = {**daemon.env, "COLUMNS": "140"}
+    done = subprocess.run(
+        [sys.executable, "-m", "localproxy", "--config", str(daemon.config), "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for needed in (
+        "alice",
+        str(daemon.smtp_port),
+        str(daemon.imap_port),
+        "TLSv1.3",
+        clean_provider.ca_name,
+    ):
+        assert needed in text, f"{needed!r} missing from the status view:\n{text}"
+
+
+def test_status_when_not_running_exits_3(clean_provider, tmp_path):
+    config = tmp_path / "config.toml"
+    write_config(config, clean_provider, free_port(), free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "localproxy", "--config", str(config), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "r"), "COLUMNS": "300"},
+    )
+    assert done.returncode == 3
+    assert "is not running" in done.stdout and " run" in done.stdout

@@ -3,8 +3,16 @@
 It terminates implicit TLS with the harness' own server certificate (so the
 proxy under test verifies it as usual), opens implicit TLS to Postfix's
 submissions port, and relays line by line, so it can see SMTP and fail at an
-exact point: after N accepted messages, drop the connection or answer 451 to
-the next MAIL; or refuse every connection while "down".
+exact point. After N accepted messages, the next transaction fails by mode:
+
+- "drop": close both sides at MAIL;
+- "451": answer MAIL with 451;
+- "drop-in-data": pass MAIL, RCPT and part of the message, then close both sides;
+- "stall": pass the message but hold back its final "." and never answer, until
+  the client gives up and closes (Postfix then discards the partial message).
+
+While "down", every connection is refused. Every message body the relay saw
+(complete or not) is kept in `data_seen`, so tests can check what went out.
 """
 
 from __future__ import annotations
@@ -12,8 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import Literal
 
 from tests.harness.provider import Provider
+
+Mode = Literal["drop", "451", "drop-in-data", "stall"]
+IN_DATA_MODES = ("drop-in-data", "stall")
+DROP_AFTER_BYTES = 512  # "drop-in-data" forwards about this much of the message
 
 
 class SmtpFaultRelay:
@@ -21,8 +34,10 @@ class SmtpFaultRelay:
         self.provider = provider
         self.accepted = 0  # messages Postfix accepted through this relay
         self.fail_after: int | None = None  # fail the transaction after this many
-        self.mode = "drop"  # "drop": close both sides; "451": answer MAIL with 451
+        self.mode: Mode = "drop"  # see the module docstring
         self.down = False  # refuse every new connection
+        self.faults = 0  # how many times a fault was injected
+        self.data_seen: list[bytes] = []  # each message body received from the client
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,7 +89,8 @@ class SmtpFaultRelay:
         writer.write(await _reply(up_reader))  # greeting
         while line := await reader.readline():
             verb = line[:4].upper()
-            if verb == b"MAIL" and self._failing():
+            if verb == b"MAIL" and self._failing() and self.mode not in IN_DATA_MODES:
+                self.faults += 1
                 if self.mode == "451":
                     writer.write(b"451 4.3.0 simulated temporary failure\r\n")
                     continue
@@ -84,7 +100,11 @@ class SmtpFaultRelay:
                 reply = await _reply(up_reader)
                 writer.write(reply)
                 if reply.startswith(b"354"):
-                    await _copy_data(reader, up_writer)
+                    if self._failing() and self.mode in IN_DATA_MODES:
+                        self.faults += 1
+                        await self._fail_in_data(reader, up_writer)
+                        return
+                    self.data_seen.append(await _copy_data(reader, up_writer))
                     final = await _reply(up_reader)
                     self.accepted += final.startswith(b"250")
                     writer.write(final)
@@ -95,6 +115,19 @@ class SmtpFaultRelay:
 
     def _failing(self) -> bool:
         return self.fail_after is not None and self.accepted >= self.fail_after
+
+    async def _fail_in_data(
+        self, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
+    ) -> None:
+        """Forward part ("drop-in-data") or all but the end ("stall") of the message."""
+        limit = DROP_AFTER_BYTES if self.mode == "drop-in-data" else None
+        seen = await _copy_data(reader, up_writer, limit=limit, send_end=False)
+        self.data_seen.append(seen)
+        with contextlib.suppress(ConnectionError):
+            await up_writer.drain()
+        if self.mode == "stall":
+            while await reader.read(65536):  # silent until the client hangs up
+                pass
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:
@@ -109,11 +142,22 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return lines
 
 
-async def _copy_data(reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
-    while True:
+async def _copy_data(
+    reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+    limit: int | None = None,
+    send_end: bool = True,
+) -> bytes:
+    """Relay message lines up to the final "." (or `limit` bytes); return what was read."""
+    seen = b""
+    while limit is None or len(seen) < limit:
         line = await reader.readline()
         if not line:
-            raise asyncio.IncompleteReadError(b"", None)
-        up_writer.write(line)
+            raise asyncio.IncompleteReadError(seen, None)
         if line == b".\r\n":
-            return
+            if send_end:
+                up_writer.write(line)
+            return seen
+        seen += line
+        up_writer.write(line)
+    return seen

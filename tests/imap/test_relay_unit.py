@@ -980,3 +980,75 @@ def test_astring_helpers_stay_compatible():
     # the relay reads LOGIN/SELECT arguments through the codec's astring_value
     assert astring_value(Literal(b"INBOX")) == b"INBOX"
     assert SequenceSet.parse(b"1:*").contains(5, 7)
+
+
+# --------------------------------------------------------------------------- header observer
+
+AUTOCRYPT_PLAIN = (
+    b"From: b@example.org\r\nSubject: hi\r\nDate: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
+    b"Autocrypt: addr=b@example.org; keydata=Zm9v\r\n\r\nhello\r\n"
+)
+
+
+class Observed:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[bytes, MessageContext]] = []
+        self.fail = fail
+
+    async def __call__(self, header: bytes, context: MessageContext) -> None:
+        self.calls.append((header, context))
+        if self.fail:
+            raise RuntimeError("observer broke")
+
+    async def wait(self, count: int) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while len(self.calls) < count:
+                await asyncio.sleep(0.01)
+
+
+async def observed_proxy(upstream: FakeUpstream, observer: Observed) -> ImapProxy:
+    relay = ImapProxy(account_for(upstream.server_config()), header_observer=observer)
+    await relay.start()
+    return relay
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["observer-ok", "observer-raises"])
+async def test_header_observer_sees_probed_fields_the_client_does_not(
+    upstream: FakeUpstream, proxy: ImapProxy, fail: bool
+):
+    upstream.add(AUTOCRYPT_PLAIN)
+    observer = Observed(fail)
+    relay = await observed_proxy(upstream, observer)
+    request = b"UID FETCH 1 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])"
+    try:
+        answers = []
+        for target in (relay, proxy):  # with and without an observer
+            client = await (await Client.connect(target)).login()
+            await client.command(b"s", b"SELECT INBOX")
+            events, tagged = await client.command(b"f", request)
+            assert tagged.status == b"OK"
+            answers.append([e.raw for e in events if isinstance(e, Untagged)])
+            client.close()
+        await observer.wait(1)
+    finally:
+        await relay.close()
+    assert answers[0] == answers[1]
+    assert answers[0][-1] == (
+        b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (SUBJECT)] {15}\r\nSubject: hi\r\n\r\n)\r\n"
+    )
+    (header, context), *_ = observer.calls
+    assert context == MessageContext("alice", "INBOX", UIDVALIDITY, 1)
+    assert b"From: b@example.org\r\n" in header and b"Autocrypt: addr=b@example.org" in header
+    assert b"Date: Mon, 01 Jan 2024" in header
+    first, _second = upstream.commands(b"UID FETCH")
+    assert b" FROM DATE AUTO-SUBMITTED AUTOCRYPT)]" in first
+
+
+async def test_no_observer_no_extra_probe_fields(upstream: FakeUpstream, proxy: ImapProxy):
+    upstream.add(PLAIN)
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    await client.command(b"f", b"FETCH 1 (BODY.PEEK[HEADER])")
+    (sent,) = upstream.commands(b"FETCH")
+    assert b"AUTOCRYPT" not in sent and b"FROM" not in sent
+    client.close()
