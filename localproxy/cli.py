@@ -121,9 +121,11 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     status.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
     status.set_defaults(handler=cmd_status)
+    from localproxy.demo import add_demo_command
     from localproxy.service import add_service_commands
 
     add_service_commands(commands)
+    add_demo_command(commands)
     outbox = commands.add_parser("outbox", help="the queue of messages waiting to be sent")
     sub = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
     flush = sub.add_parser("flush", help="try to send every queued message now")
@@ -287,13 +289,22 @@ def _password_for(login: str, host: str) -> str:
 def _operation_errors() -> tuple[type[Exception], ...]:
     """Errors that end a command with one clear line and exit 1 (never a traceback)."""
     from localproxy.crypto.errors import CryptoError
+    from localproxy.demo import DemoError
     from localproxy.keys.commands import KeysError
     from localproxy.keys.store import KeyStoreError
     from localproxy.localtls import LocalTLSError
     from localproxy.secretbox import SecretBoxError
     from localproxy.service import ServiceError
 
-    return (CryptoError, KeysError, KeyStoreError, LocalTLSError, SecretBoxError, ServiceError)
+    return (
+        CryptoError,
+        DemoError,
+        KeysError,
+        KeyStoreError,
+        LocalTLSError,
+        SecretBoxError,
+        ServiceError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

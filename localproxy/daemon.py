@@ -221,16 +221,14 @@ class Daemon:
         self._spawn(self._check_loop())
 
     def _store_key(self) -> bytes:
-        key = self.store.store_key
-        if key.warning:
-            self.warnings.append(key.warning)
-        return key.key
+        return self.store.store_key.key  # its warning shows in each account's panel
 
     def _account_map(self) -> dict[str, Account]:
         return {a.name: a for a in self.config.accounts}
 
     async def _start_account(self, account: Account) -> AccountRuntime:
         on_event = self._sink(account.name)
+        self._counter_base.setdefault(account.name, self.state.counters(account.name))
         handler = SmtpHandler(
             account, self.config, self.store, self.engine, self.outbox, on_event=on_event
         )

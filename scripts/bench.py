@@ -57,7 +57,7 @@ from localproxy.smtp.compose import compose
 from localproxy.smtp.server import SmtpHandler, SmtpProxy
 
 if TYPE_CHECKING:
-    from tests.harness.provider import Provider
+    from localproxy.sandbox.provider import Provider
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
@@ -141,10 +141,10 @@ class Results:
 
 
 def harness() -> ModuleType:
-    """tests.harness.provider; the repository root is not on sys.path for a script."""
+    """localproxy.sandbox.provider; the repository root is not on sys.path for a script."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import tests.harness.provider as module
+    import localproxy.sandbox.provider as module
 
     return module
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.provider import (
+from localproxy.sandbox.provider import (
     Provider,
     ProviderUnavailable,
     become_subreaper,

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.harness.provider import ProviderUnavailable, check_available
+from localproxy.sandbox.provider import ProviderUnavailable, check_available
 
 pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from localproxy.sandbox.provider import Provider
 from tests.harness.endpoints import Script, closed_port, make_tls_material, start_endpoint
-from tests.harness.provider import Provider
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.provider import Provider
+from localproxy.sandbox.provider import Provider
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import provider as harness
-from tests.harness.provider import Provider, ProviderError, session_members, start_provider
+from localproxy.sandbox import provider as harness
+from localproxy.sandbox.provider import Provider, ProviderError, session_members, start_provider
 
 pytestmark = pytest.mark.e2e
 

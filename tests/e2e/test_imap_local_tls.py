@@ -23,7 +23,7 @@ from localproxy.imap.relay import ImapProxy
 from localproxy.incoming import IncomingProcessor
 from localproxy.keys.store import KeyStore
 from localproxy.localtls import LocalCertificate, ensure_local_certificate, server_context
-from tests.harness.provider import Provider
+from localproxy.sandbox.provider import Provider
 from tests.harness.running import ProxyThread, make_account
 
 pytestmark = pytest.mark.e2e

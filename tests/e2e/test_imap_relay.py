@@ -38,7 +38,7 @@ from localproxy.imap.codec import (
     serialize_untagged,
 )
 from localproxy.imap.relay import ImapProxy, MessageContext
-from tests.harness.provider import Provider
+from localproxy.sandbox.provider import Provider
 from tests.harness.running import ProxyThread, make_account
 
 pytestmark = pytest.mark.e2e

@@ -25,8 +25,8 @@ from localproxy.imap.view import MessageView
 from localproxy.incoming import STATUS_HEADER, IncomingProcessor
 from localproxy.keys.store import KeyStore
 from localproxy.mime import parse_entity
+from localproxy.sandbox.provider import Provider
 from localproxy.smtp.server import SmtpHandler, SmtpProxy
-from tests.harness.provider import Provider
 from tests.harness.running import ProxyThread
 
 pytestmark = pytest.mark.e2e

@@ -34,10 +34,10 @@ from localproxy.crypto.openpgp import DecryptResult, default_engine
 from localproxy.keys.store import KeyStore
 from localproxy.localtls import LocalCertificate, ensure_local_certificate, server_context
 from localproxy.mime import parse_entity
+from localproxy.sandbox.provider import Provider
 from localproxy.secretbox import SecretBox
 from localproxy.smtp.outbox import Outbox
 from localproxy.smtp.server import ENCRYPTION_GROWTH, MAX_SESSIONS, SmtpHandler, SmtpProxy
-from tests.harness.provider import Provider
 from tests.harness.smtp_faults import SmtpFaultRelay
 
 pytestmark = pytest.mark.e2e

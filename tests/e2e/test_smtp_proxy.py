@@ -24,10 +24,10 @@ from localproxy.crypto.openpgp import CertInfo, default_engine
 from localproxy.crypto.pgpmime import PROTECTED_SUBJECT
 from localproxy.keys.store import KeyStore
 from localproxy.mime import parse_entity, to_crlf
+from localproxy.sandbox.provider import Provider
 from localproxy.secretbox import SecretBox
 from localproxy.smtp.outbox import Outbox, OutboxWorker
 from localproxy.smtp.server import SmtpHandler, SmtpProxy, outbox_sender
-from tests.harness.provider import Provider
 from tests.harness.smtp_faults import SmtpFaultRelay
 
 pytestmark = pytest.mark.e2e

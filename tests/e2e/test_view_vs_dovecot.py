@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import pytest
 
 from localproxy.imap.view import BinaryError, MessageView
-from tests.harness.provider import Provider, quote
+from localproxy.sandbox.provider import Provider, quote
 from tests.imap.test_view import Lit8, parse_fetch, sexp
 
 pytestmark = pytest.mark.e2e

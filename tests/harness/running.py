@@ -10,7 +10,7 @@ from typing import Any
 
 from localproxy.config import Account, LocalListen, UpstreamServer
 from localproxy.imap.relay import ImapProxy
-from tests.harness.provider import Provider
+from localproxy.sandbox.provider import Provider
 
 TIMEOUT = 10.0
 

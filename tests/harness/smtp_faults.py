@@ -22,7 +22,7 @@ import contextlib
 import ssl
 from typing import Literal
 
-from tests.harness.provider import Provider
+from localproxy.sandbox.provider import Provider
 
 Mode = Literal["drop", "451", "drop-in-data", "stall"]
 IN_DATA_MODES = ("drop-in-data", "stall")
