@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,6 +88,19 @@ class ImportOutcome:
     reason: str = ""
 
 
+def _retry_locked(setup: Callable[[], None], attempts: int = 50) -> None:
+    """Switching a new database to WAL answers "locked" at once, without waiting for the
+    busy timeout, when another process opens it at the same moment: try again."""
+    for attempt in range(attempts):
+        try:
+            setup()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -112,12 +126,15 @@ class KeyStore:
         self._db = sqlite3.connect(
             self.path, timeout=10, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        _retry_locked(self._setup)
+        self.path.chmod(0o600)
+
+    def _setup(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
         # executescript() runs its own transaction; every statement is idempotent.
         self._db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
-        self.path.chmod(0o600)
 
     def close(self) -> None:
         self._db.close()
