@@ -376,7 +376,7 @@ def _local(v: _Validator, t: Mapping[str, Any], p: str) -> LocalListen:
     v.keys(t, p, {"host", "imap_port", "smtp_port", "imaps_port", "smtps_port", "allow_remote"})
     host = v.string(t, p, "host") or "127.0.0.1"
     allow_remote = v.boolean(t, p, "allow_remote", False)
-    if not allow_remote and not _is_loopback(host):
+    if not allow_remote and not is_loopback(host):
         v.problem(
             f"{p}.host",
             repr(host),
@@ -393,7 +393,8 @@ def _local(v: _Validator, t: Mapping[str, Any], p: str) -> LocalListen:
     )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
     if host == "localhost":
         return True
     try:
