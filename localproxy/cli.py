@@ -122,8 +122,10 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
     status.set_defaults(handler=cmd_status)
     from localproxy.demo import add_demo_command
+    from localproxy.init import add_init_command
     from localproxy.service import add_service_commands
 
+    add_init_command(commands)
     add_service_commands(commands)
     add_demo_command(commands)
     outbox = commands.add_parser("outbox", help="the queue of messages waiting to be sent")
@@ -290,6 +292,7 @@ def _operation_errors() -> tuple[type[Exception], ...]:
     """Errors that end a command with one clear line and exit 1 (never a traceback)."""
     from localproxy.crypto.errors import CryptoError
     from localproxy.demo import DemoError
+    from localproxy.init import InitError
     from localproxy.keys.commands import KeysError
     from localproxy.keys.store import KeyStoreError
     from localproxy.localtls import LocalTLSError
@@ -299,6 +302,7 @@ def _operation_errors() -> tuple[type[Exception], ...]:
     return (
         CryptoError,
         DemoError,
+        InitError,
         KeysError,
         KeyStoreError,
         LocalTLSError,
