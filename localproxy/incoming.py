@@ -86,7 +86,7 @@ class IncomingProcessor:
             # No date check here: an older message needs its (older) signing key to verify,
             # and the store never lets an older key displace a newer one.
             learn_autocrypt(self.store, stored, "autocrypt")
-        secret_keys = [secret for _stored, secret in self.store.own_keys(self.account.name)]
+        secret_keys = self.store.own_secrets(self.account.name)
         result = unwrap(
             stored, self.engine, secret_keys, self.store.certs_for_ids, max_output=self.max_output
         )

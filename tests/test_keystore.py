@@ -181,6 +181,23 @@ def test_generated_key_is_sealed_at_rest(store):
     assert (store.path.stat().st_mode & 0o777) == 0o600
 
 
+def test_own_secrets_match_own_keys(store):
+    store.generate("personal", ("alice@example.org",))
+    store.generate("work", ("alice@work.example",))
+    assert store.own_secrets("personal") == [s for _c, s in store.own_keys("personal")]
+    assert store.own_secrets("nobody") == []
+
+
+def test_certs_for_ids_follows_changes_to_the_store(store):
+    info = store.generate("personal", ("alice@example.org",))
+    ids = [info.fingerprint[-16:], *info.subkey_fingerprints]
+    for wanted in ([ids[0]], [ids[-1]], [info.fingerprint]):
+        assert store.certs_for_ids(wanted) == [store.cert(info.fingerprint).info.data]
+    assert store.certs_for_ids(["0123456789ABCDEF"]) == []
+    assert store.remove(info.fingerprint)
+    assert store.certs_for_ids([info.fingerprint]) == []
+
+
 def test_passphrase_protected_secret_key_import(store):
     protected = ENGINE.generate_key(["Alice <alice@example.org>"], passphrase="hunter2")
     asked = []

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from localproxy.imap.view import MessageView
@@ -23,6 +24,9 @@ DEFAULT_CACHE_BYTES = 128 * MiB
 # A MessageView keeps two canonical copies of the message (as served, and with NUL
 # replaced for BODY[...]) plus parsed structure: count each entry at about twice its size.
 _VIEW_OVERHEAD = 2
+# UIDs remembered as plain (served by the provider unchanged), all mailboxes together;
+# past this the memory is dropped and relearned from the probes.
+MAX_PLAIN_UIDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class ViewCache:
         self._total = 0
         self.hits = 0
         self.builds = 0
+        # Per (account, mailbox, UIDVALIDITY): UIDs whose probes showed plain mail. A
+        # message never changes under its UID, so a later FETCH of them needs no probes.
+        self._plain: dict[tuple[str, bytes, int], set[int]] = {}
+        self._plain_count = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,6 +122,24 @@ class ViewCache:
         while self._total > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._total -= _size(evicted)
+
+    def mark_plain(self, key: ViewKey) -> None:
+        """The provider's copy of this message is what the client may see."""
+        if self._plain_count >= MAX_PLAIN_UIDS:
+            self._plain.clear()
+            self._plain_count = 0
+        uids = self._plain.setdefault((key.account, key.mailbox, key.uidvalidity), set())
+        if key.uid not in uids:
+            uids.add(key.uid)
+            self._plain_count += 1
+
+    def plain_uids(self, account: str, mailbox: bytes, uidvalidity: int) -> AbstractSet[int]:
+        """The UIDs of that mailbox known to be plain (live, read-only use)."""
+        return self._plain.get((account, mailbox, uidvalidity), frozenset())
+
+    def is_plain(self, key: ViewKey) -> bool:
+        uids = self._plain.get((key.account, key.mailbox, key.uidvalidity))
+        return uids is not None and key.uid in uids
 
     def invalidate(self, account: str | None = None) -> None:
         """Forget every view (of one account): e.g. after a key was imported, so messages

@@ -46,6 +46,7 @@ import quopri
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -73,6 +74,7 @@ from localproxy.imap.codec import (
     Rejected,
     ResponseCode,
     Section,
+    SequenceSet,
     ServerEvent,
     ServerParser,
     Tagged,
@@ -153,6 +155,9 @@ BLOCKED_COMMANDS = {
     b"NOTIFY": "NOTIFY is not available through localproxy",
 }
 SPECIAL_USE_APPEND = frozenset({b"\\SENT", b"\\DRAFTS"})
+# Mailboxes larger than this get no sequence-number map (memory); FETCHes there keep
+# their probes unless they name UIDs.
+MAX_SEQUENCE_MAP = 1_000_000
 
 
 # --------------------------------------------------------------------------- public types
@@ -419,6 +424,8 @@ class FetchContext:
     tag: bytes
     requested: list[FetchItem]
     added: set[ItemKey]  # items the client did not ask for: removed from responses
+    # sent without probes: every message it names was known plain beforehand
+    unprobed: bool = False
     failure: str | None = None
     failure_code: bytes = b"UNAVAILABLE"
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -518,6 +525,11 @@ class ImapSession:
         # set while the client parser expects a DONE or SASL line instead of a command
         self.client_mode: str | None = None
         self.upstream_said_bye = False
+        # UID of each sequence number in the selected mailbox, None where not learned
+        # yet; the whole map None when it may be wrong. Kept exact from the EXISTS,
+        # EXPUNGE and FETCH responses, in the order the provider sent them.
+        self.seq_uids: list[int | None] | None = None
+        self.map_select_tag: bytes | None = None  # the SELECT whose EXISTS starts a map
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -801,6 +813,11 @@ class ImapSession:
 
     async def _on_select(self, command: Command) -> None:
         mailbox = astring_value(command.args[0]) if command.args else None
+        # Only a SELECT with nothing else in flight starts a map: its EXISTS is then
+        # surely about the new mailbox. Otherwise the map ends with the SELECT.
+        self.map_select_tag = None if self.pending else command.tag
+        if not self.pending:
+            self.seq_uids = None
         await self._send(command, Pending(command.verb, mailbox=mailbox))
 
     async def _on_enable(self, command: Command) -> None:
@@ -873,15 +890,45 @@ class ImapSession:
             await self._send(command, Pending(command.verb))
             return
         uid_command = command.subcommand is not None
+        if (
+            not uid_command
+            and not self.pending
+            and self._mostly_known(request.sequence_set)
+            and not self._all_known_plain(request.sequence_set, uid_command)
+        ):
+            await self._fetch_with_uid(command, request.items)
+            return
+        if self._all_known_plain(request.sequence_set, uid_command):
+            context = FetchContext(command.tag, request.items, set(), unprobed=True)
+            log.debug(
+                "%s FETCH %s of known plain messages sent without probes", self.name, command.tag
+            )
+            await self._send_fetch(command, context)
+            return
         items, added = _upstream_fetch_items(
             command.args[1], request.items, uid_command, self.probes
         )
         context = FetchContext(command.tag, request.items, added)
         args = (command.args[0], PList(tuple(items)), *command.args[2:])
         rewritten = build_command(command.tag, command.name, args, command.subcommand)
+        await self._send_fetch(rewritten, context)
+
+    async def _fetch_with_uid(self, command: Command, requested: list[FetchItem]) -> None:
+        """The FETCH with UID added but no probes: each response then says by its UID
+        whether the message is known plain (UID removed, passed on) or not (a view)."""
+        items, added = _upstream_fetch_items(command.args[1], requested, False, None)
+        context = FetchContext(command.tag, requested, added, unprobed=True)
+        args = (command.args[0], PList(tuple(items)), *command.args[2:])
+        rewritten = build_command(command.tag, command.name, args, command.subcommand)
+        log.debug(
+            "%s FETCH %s of mostly plain messages sent without probes", self.name, command.tag
+        )
+        await self._send_fetch(rewritten, context)
+
+    async def _send_fetch(self, command: Command, context: FetchContext) -> None:
         self.fetch = context
         try:
-            await self._send(rewritten, Pending(command.verb, fetch=context))
+            await self._send(command, Pending(command.verb, fetch=context))
             # One rewritten FETCH at a time: its untagged responses are then attributable,
             # and they go out in order even while a view is being built.
             await context.done.wait()
@@ -953,6 +1000,7 @@ class ImapSession:
             if response.name == b"FETCH":
                 await self._on_fetch_response(response)
                 return
+            self._track_sequence(response)
             if response.name in (b"LIST", b"XLIST"):
                 self._learn_special_use(response)
             has_caps = has_caps or response.name == b"ENABLED"
@@ -980,12 +1028,16 @@ class ImapSession:
             self.idle_tag = None
             self._back_to_commands()
         elif pending.verb in (b"SELECT", b"EXAMINE"):
+            if not ok or response.tag != self.map_select_tag:
+                self.seq_uids = None
+            self.map_select_tag = None
             if ok and pending.mailbox is not None and pending.uidvalidity is not None:
                 self.selected = Selected(pending.mailbox, pending.uidvalidity)
             elif response.status != b"BAD":
                 self.selected = None
         elif pending.verb in (b"CLOSE", b"UNSELECT") and ok:
             self.selected = None
+            self.seq_uids = None
         elif pending.fetch is not None and pending.fetch.failure is not None and ok:
             context = pending.fetch
             text = f"localproxy: {context.failure}"
@@ -1062,6 +1114,86 @@ class ImapSession:
             p.verb in (b"SELECT", b"EXAMINE") for p in self.pending.values()
         ):
             self.selected = Selected(self.selected.mailbox, value)
+            self.seq_uids = None  # a new UIDVALIDITY outside SELECT: every UID changed
+
+    # -- the sequence-number map ------------------------------------------------------------
+
+    def _track_sequence(self, response: Untagged) -> None:
+        """Keep `seq_uids` exact: EXISTS adds unknown messages at the end, EXPUNGE
+        renumbers, VANISHED (QRESYNC) removes messages the map cannot place."""
+        name, number = response.name, response.number
+        if name == b"EXISTS" and number is not None:
+            self._on_exists(number)
+        elif name == b"EXPUNGE" and self.seq_uids is not None:
+            if number is not None and 1 <= number <= len(self.seq_uids):
+                del self.seq_uids[number - 1]
+            else:
+                self.seq_uids = None
+        elif name == b"VANISHED" and not _vanished_earlier(response):
+            self.seq_uids = None  # (EARLIER) only reports the past: no renumbering
+
+    def _on_exists(self, count: int) -> None:
+        if count > MAX_SEQUENCE_MAP:
+            self.seq_uids = None
+        elif self.map_select_tag is not None and self.map_select_tag in self.pending:
+            self.seq_uids = [None] * count
+        elif self.seq_uids is not None:
+            if count < len(self.seq_uids):  # EXISTS never shrinks the mailbox
+                self.seq_uids = None
+            else:
+                self.seq_uids.extend([None] * (count - len(self.seq_uids)))
+
+    def _learn_uid(self, sequence: int, uid: int) -> None:
+        uids = self.seq_uids
+        if uids is None:
+            return
+        if 1 <= sequence <= len(uids):
+            uids[sequence - 1] = uid
+        else:
+            self.seq_uids = None  # a message the map never heard of: it is not exact
+
+    def _uid_at(self, sequence: int) -> int | None:
+        uids = self.seq_uids
+        return uids[sequence - 1] if uids is not None and 1 <= sequence <= len(uids) else None
+
+    def _plain_uids(self) -> AbstractSet[int]:
+        selected = self.selected
+        if selected is None:
+            return frozenset()
+        return self.proxy.cache.plain_uids(
+            self.account.name, selected.mailbox, selected.uidvalidity
+        )
+
+    def _mostly_known(self, sequence_set: SequenceSet) -> bool:
+        """After a new SELECT the map is empty, yet the mailbox may be well known: are at
+        least as many of its UIDs known plain as the FETCH names messages? Then asking
+        for UIDs alone is worth it; a message not known plain is still served right,
+        from a view."""
+        uids = self.seq_uids
+        if uids is None or sequence_set.saved or not uids:
+            return False
+        named = sum(high - low + 1 for low, high in sequence_set.resolve(len(uids)))
+        return len(self._plain_uids()) >= named
+
+    def _all_known_plain(self, sequence_set: SequenceSet, uid_command: bool) -> bool:
+        """Does this FETCH name only messages known to be plain? Then it needs neither
+        probes nor rewriting. Decided only with nothing else in flight: no response the
+        relay has yet to read can renumber the mailbox under it."""
+        uids = self.seq_uids
+        if self.pending or uids is None or sequence_set.saved or self.selected is None:
+            return False
+        plain = self._plain_uids()
+        if not uid_command:
+            ranges = sequence_set.resolve(len(uids))
+            if not ranges or ranges[-1][1] > len(uids):
+                return False
+            return all(uids[n - 1] in plain for low, high in ranges for n in range(low, high + 1))
+        if None in uids:
+            return False  # which UIDs exist is not known
+        known = [uid for uid in uids if uid is not None]
+        ranges = sequence_set.resolve(max(known, default=0))
+        named = [uid for uid in known if any(low <= uid <= high for low, high in ranges)]
+        return bool(named) and all(uid in plain for uid in named)
 
     # -- FETCH: the responses -------------------------------------------------------------------
 
@@ -1076,25 +1208,61 @@ class ImapSession:
 
     async def _on_fetch_response(self, response: Untagged) -> None:
         context = self.fetch
+        if (context is None or not context.added) and self._known_plain_response(response):
+            self._to_client(response.raw)  # nothing of ours in it, nothing to change
+            return
+        if context is not None and context.unprobed and context.added == {UID_KEY}:
+            stripped = self._without_added_uid(response)
+            if stripped is not None:
+                self._to_client(stripped)
+                return
         parsed = _response_items(response)
         if parsed is None:
             self._unreadable_fetch(response.raw)
             return
         sequence, items = parsed
+        uid = _uid_of(items)
+        if uid is not None:
+            self._learn_uid(sequence, uid)
         # Only a response carrying the probes answers the rewritten command; others (an
         # earlier pipelined UID FETCH FLAGS, a flag update) keep everything they have.
         ours = context is not None and any(i.key in self.probes.keys for i in items)
+        ours = ours or (context is not None and context.unprobed)
         added = context.added if ours and context is not None else set()
         content = [i for i in items if i.content_derived and i.key not in added]
         if ours:
             self._observe_headers(items)
         # Without probes (unsolicited, or split off by the provider) nothing tells a
         # plain message from an encrypted one: the view is always right.
-        plain = ours and not _needs_view(items, self.probes)
+        known = uid is not None and uid in self._plain_uids()
+        plain = known or (ours and not _needs_view(items, self.probes))
+        if plain and not known and uid is not None and self.selected is not None:
+            key = ViewKey(self.account.name, self.selected.mailbox, self.selected.uidvalidity, uid)
+            self.proxy.cache.mark_plain(key)
         if not content or plain:
             self._forward_fetch(response.raw, sequence, items, added)
         else:
             await self._serve_view(sequence, items, added, context)
+
+    def _without_added_uid(self, response: Untagged) -> bytes | None:
+        """A known-plain response minus the UID the relay added, cut out of the bytes
+        when the provider put it first (as Dovecot does); None: take the long way."""
+        match = _LEADING_UID.match(response.raw)
+        if match is None or int(match[3]) not in self._plain_uids():
+            return None
+        self._learn_uid(int(match[1]), int(match[3]))
+        return response.raw[: match.start(2)] + response.raw[match.end(2) :]
+
+    def _known_plain_response(self, response: Untagged) -> bool:
+        """Is this response about a message known to be plain? By its UID item, else by
+        the sequence-number map; anything unsure is no."""
+        pairs = _fetch_pair_tokens(response)
+        if pairs is None or response.number is None:
+            return False  # the full parse decides what to do with it
+        uid = _quick_uid(pairs)
+        if uid is None:
+            uid = self._uid_at(response.number)
+        return uid is not None and uid in self._plain_uids()
 
     def _observe_headers(self, items: list[_ResponseItem]) -> None:
         if self.proxy.header_observer is None or self.selected is None:
@@ -1126,6 +1294,8 @@ class ImapSession:
         context: FetchContext | None,
     ) -> None:
         uid = _uid_of(items)
+        if uid is None:  # a FETCH sent without probes carries no UID unless asked
+            uid = self._uid_at(sequence)
         served: list[tuple[bytes, Token | bytes]]
         try:
             view = await self._view(uid, _whole_message(items))
@@ -1188,7 +1358,7 @@ def _upstream_fetch_items(
     requested_token: Token,
     requested: list[FetchItem],
     uid_command: bool,
-    probes: Probes = DEFAULT_PROBES,
+    probes: Probes | None = DEFAULT_PROBES,
 ) -> tuple[list[Token], set[ItemKey]]:
     """The client's items as it wrote them, plus UID and the probes it did not ask for."""
     if isinstance(requested_token, PList):
@@ -1201,7 +1371,7 @@ def _upstream_fetch_items(
         tokens = [requested_token]
     present = {item_key(item) for item in requested}
     added: set[ItemKey] = set()
-    extras = [probes.header, probes.text]
+    extras = [probes.header, probes.text] if probes is not None else []
     if not uid_command:
         extras.insert(0, UID_ITEM)
     for extra in extras:
@@ -1212,6 +1382,14 @@ def _upstream_fetch_items(
     return tokens, added
 
 
+# `* 12 FETCH (UID 7 ...`: group 2 is the UID item and its space, for cutting it out
+# after nothing but simple items (no string or literal that could hold "UID 1 " itself);
+# Dovecot writes FLAGS and RFC822.SIZE before UID
+_LEADING_UID = re.compile(
+    rb"\* (\d+) FETCH \("
+    rb'(?:FLAGS \([^()"{]*\) |RFC822\.SIZE \d+ |INTERNALDATE "[^"]*" |MODSEQ \(\d+\) )*'
+    rb"(UID (\d+) )(?=[A-Za-z])"
+)
 # An Unparsed event that is a FETCH response (see _on_unparsed)
 _FETCH_HEAD = re.compile(rb"\* +\d+ +FETCH\b", re.I)
 
@@ -1246,6 +1424,33 @@ def _whole_message(items: list[_ResponseItem]) -> bytes | None:
         if entry.key in _WHOLE_MESSAGE_KEYS:
             return _string_value(entry.token)
     return None
+
+
+def _fetch_pair_tokens(response: Untagged) -> tuple[Token, ...] | None:
+    """The name/value tokens of a well-formed `* n FETCH (...)`, without splitting the
+    response into items; None when it is not of that form."""
+    tokens = response.tokens
+    if len(tokens) != 3 or not isinstance(tokens[0], Number):
+        return None
+    if not isinstance(tokens[2], PList) or len(tokens[2].items) % 2:
+        return None
+    return tokens[2].items
+
+
+def _quick_uid(pairs: tuple[Token, ...]) -> int | None:
+    for index in range(0, len(pairs), 2):
+        name = pairs[index]
+        if isinstance(name, Atom) and name.value.upper() == b"UID":
+            value = pairs[index + 1]
+            return value.value if isinstance(value, Number) else None
+    return None
+
+
+def _vanished_earlier(response: Untagged) -> bool:
+    tokens = response.tokens
+    if len(tokens) < 2 or not isinstance(tokens[1], PList):
+        return False
+    return any(isinstance(t, Atom) and t.value.upper() == b"EARLIER" for t in tokens[1].items)
 
 
 def _uid_of(items: list[_ResponseItem]) -> int | None:

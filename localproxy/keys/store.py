@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS own_keys (
 """
 
 PassphrasePrompt = Callable[[CertInfo], str | None]
+# Certificates whose key names (fingerprints) are remembered; past this the memory starts over.
+MAX_NAME_CACHE = 10_000
 
 
 class KeyStoreError(Exception):
@@ -120,6 +122,11 @@ class KeyStore:
         self.data_dir = data_dir
         self.engine = engine or default_engine()
         self._store_key = store_key
+        # Stored certificate bytes -> (its primary and subkey fingerprints, the parsed
+        # certificate's bytes). Unlike expiry or revocation these never depend on the
+        # time of the query, so they can be kept; keyed by the bytes, a changed
+        # certificate is simply a new entry.
+        self._names: dict[bytes, tuple[frozenset[str], bytes]] = {}
         # One connection shared by the event loop and worker threads (crypto runs in
         # threads); the lock serializes statements and keeps transactions whole.
         self._lock = threading.RLock()
@@ -218,11 +225,33 @@ class KeyStore:
         """Certificates matching key IDs or (sub)key fingerprints, for signature checks."""
         wanted = {i.upper().replace(" ", "") for i in ids}
         found = []
-        for stored in self.certs():
-            names = {stored.fingerprint, *stored.info.subkey_fingerprints}
+        for (data,) in self._rows(
+            "SELECT c.data FROM certs c LEFT JOIN own_keys o USING (fingerprint) "
+            "ORDER BY o.account IS NULL, c.added"
+        ):
+            names, parsed = self._key_names(data)
             if any(n in wanted or n[-16:] in wanted for n in names):
-                found.append(stored.info.data)
+                found.append(parsed)
         return found
+
+    def _key_names(self, data: bytes) -> tuple[frozenset[str], bytes]:
+        """Parsing a certificate costs far more than the query: done once per version."""
+        known = self._names.get(data)
+        if known is None:
+            (info,) = self.engine.parse_certs(data)
+            known = frozenset((info.fingerprint, *info.subkey_fingerprints)), info.data
+            with self._lock:
+                if len(self._names) >= MAX_NAME_CACHE:
+                    self._names.clear()
+                self._names[data] = known
+        return known
+
+    def own_secrets(self, account: str) -> list[bytes]:
+        """The account's secret keys, unsealed, without parsing them (for decryption,
+        which judges the keys itself)."""
+        box = self._box()
+        rows = self._rows("SELECT fingerprint, sealed FROM own_keys WHERE account = ?", (account,))
+        return [box.open(sealed, f"own-key:{fpr}".encode()) for fpr, sealed in rows]
 
     def own_keys(self, account: str | None = None) -> list[tuple[StoredCert, bytes]]:
         """The accounts' secret keys, unsealed for in-memory use."""

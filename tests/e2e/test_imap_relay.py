@@ -508,6 +508,33 @@ def test_plain_fetch_without_uid_does_not_grow_a_uid(relay: ProxyThread, clean_p
         direct.close()
 
 
+def test_known_plain_messages_pass_through_on_the_next_fetch(
+    relay: ProxyThread, clean_provider: Provider, caplog: pytest.LogCaptureFixture
+):
+    for message in (PLAIN, ENCRYPTED, PLAIN):
+        clean_provider.append("alice", message)
+    conn = relay_login(relay, clean_provider)
+    caplog.set_level("DEBUG", logger="localproxy.imap.relay")
+    try:
+        answers = []
+        for _ in range(3):
+            conn.select("INBOX", readonly=True)
+            answers.append(conn.fetch("1:*", "(FLAGS ENVELOPE RFC822.SIZE)"))
+        conn.select("INBOX", readonly=True)
+        answers.append(conn.fetch("1,3", "(FLAGS ENVELOPE RFC822.SIZE)"))
+    finally:
+        conn.logout()
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[3][1] == [answers[0][1][0], answers[0][1][2]]
+    plain = relay.proxy.cache._plain  # the first FETCH taught the relay both plain UIDs
+    (uids,) = plain.values()
+    assert len(uids) == 2 and max(uids) - min(uids) == 2  # the 1st and 3rd message only
+    passed = [r.getMessage() for r in caplog.records if "without probes" in r.getMessage()]
+    # 1:* names 3 messages, 2 known plain: probed each time; 1,3 (fresh EXAMINE, no map
+    # yet) gets UID added and no probes
+    assert ["mostly plain" in m for m in passed] == [True]
+
+
 def test_store_responses_pass_through(relay: ProxyThread, clean_provider: Provider):
     clean_provider.append("alice", ENCRYPTED)
     with relay_login(relay, clean_provider) as conn:

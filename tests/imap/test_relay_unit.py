@@ -592,6 +592,72 @@ async def test_plain_fetch_is_forwarded_without_probes(upstream: FakeUpstream, p
     client.close()
 
 
+async def test_known_plain_messages_are_fetched_again_without_probes(
+    upstream: FakeUpstream, proxy: ImapProxy
+):
+    upstream.add(PLAIN)
+    upstream.add(PLAIN)
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    first, _ = await client.command(b"f1", b"FETCH 1:* (FLAGS RFC822.SIZE)")
+    again, tagged = await client.command(b"f2", b"FETCH 1:* (FLAGS RFC822.SIZE)")
+    by_uid, _ = await client.command(b"f3", b"UID FETCH 1:* (RFC822.SIZE)")
+    assert tagged.status == b"OK"
+    assert [e.raw for e in again] == [e.raw for e in first]
+    assert [e.raw for e in by_uid] == [
+        b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (n, n, len(PLAIN)) for n in (1, 2)
+    ]
+    sent = upstream.commands(b"FETCH") + upstream.commands(b"UID FETCH")
+    assert b"HEADER.FIELDS" in sent[0]
+    assert sent[1:] == [
+        b"f2 FETCH 1:* (FLAGS RFC822.SIZE)\r\n",
+        b"f3 UID FETCH 1:* (RFC822.SIZE)\r\n",
+    ]
+    client.close()
+
+
+async def test_new_message_brings_the_probes_back(upstream: FakeUpstream, proxy: ImapProxy):
+    upstream.add(PLAIN)
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    await client.command(b"f1", b"FETCH 1:* (RFC822.SIZE)")
+    upstream.add(ENCRYPTED)
+
+    async def noop(conn: FakeConnection, command: Command) -> None:
+        conn.send(b"* 2 EXISTS\r\n" + command.tag + b" OK noop\r\n")
+
+    upstream.hooks[b"NOOP"] = noop
+    await client.command(b"n", b"NOOP")
+    events, tagged = await client.command(b"f2", b"FETCH 1:* (RFC822.SIZE)")
+    assert tagged.status == b"OK"
+    assert [e.raw for e in events] == [
+        b"* 1 FETCH (RFC822.SIZE %d)\r\n" % len(PLAIN),
+        b"* 2 FETCH (RFC822.SIZE %d)\r\n" % len(CLEARTEXT),
+    ]
+    assert b"HEADER.FIELDS" in upstream.commands(b"FETCH")[-1]
+    client.close()
+
+
+async def test_expunge_renumbers_the_known_messages(upstream: FakeUpstream, proxy: ImapProxy):
+    upstream.add(ENCRYPTED)
+    upstream.add(PLAIN)
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    await client.command(b"f1", b"FETCH 1:* (RFC822.SIZE)")
+    del upstream.messages[1]
+
+    async def expunge(conn: FakeConnection, command: Command) -> None:
+        conn.send(b"* 1 EXPUNGE\r\n" + command.tag + b" OK expunged\r\n")
+
+    upstream.hooks[b"EXPUNGE"] = expunge
+    await client.command(b"e", b"EXPUNGE")
+    events, tagged = await client.command(b"f2", b"FETCH 1 (RFC822.SIZE)")
+    assert tagged.status == b"OK"
+    assert [e.raw for e in events] == [b"* 1 FETCH (RFC822.SIZE %d)\r\n" % len(PLAIN)]
+    assert upstream.commands(b"FETCH")[-1] == b"f2 FETCH 1 (RFC822.SIZE)\r\n"
+    client.close()
+
+
 MULTIPART = (
     b"From: a@example.org\r\nSubject: alt\r\nMIME-Version: 1.0\r\n"
     b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
@@ -738,8 +804,9 @@ async def test_unsolicited_content_fetch_is_rewritten_or_trimmed(
     upstream.add(ENCRYPTED)
 
     async def chatty(conn: FakeConnection, command: Command) -> None:
-        conn.send(b"* 1 FETCH (UID 1 RFC822.SIZE 999)\r\n")  # content, with a UID
         conn.send(b"* 1 FETCH (FLAGS (\\Seen) RFC822.SIZE 999)\r\n")  # content, no UID
+        conn.send(b"* 1 FETCH (UID 1 RFC822.SIZE 999)\r\n")  # content, with a UID
+        conn.send(b"* 1 FETCH (FLAGS (\\Seen) RFC822.SIZE 999)\r\n")  # now placed by seq
         conn.send(command.tag + b" OK noop\r\n")
 
     upstream.hooks[b"NOOP"] = chatty
@@ -747,8 +814,10 @@ async def test_unsolicited_content_fetch_is_rewritten_or_trimmed(
     await client.command(b"s", b"SELECT INBOX")
     events, _ = await client.command(b"n", b"NOOP")
     assert [e.raw for e in events] == [
-        b"* 1 FETCH (UID 1 RFC822.SIZE %d)\r\n" % len(CLEARTEXT),
         b"* 1 FETCH (FLAGS (\\Seen))\r\n",  # cannot be placed without a UID: trimmed
+        b"* 1 FETCH (UID 1 RFC822.SIZE %d)\r\n" % len(CLEARTEXT),
+        # the session learned that sequence number 1 is UID 1
+        b"* 1 FETCH (FLAGS (\\Seen) RFC822.SIZE %d)\r\n" % len(CLEARTEXT),
     ]
     client.close()
 
