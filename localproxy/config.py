@@ -395,7 +395,7 @@ def _local(v: _Validator, t: Mapping[str, Any], p: str) -> LocalListen:
 
 def is_loopback(host: str) -> bool:
     """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -132,3 +132,16 @@ def test_any_bytes_parse_without_error_and_keep_their_bytes(raw):
     assert entity.raw == raw
     for part in entity.parts:
         assert entity.body[part.span[0] : part.span[1]] == part.raw
+
+
+def test_to_crlf_returns_canonical_input_itself():
+    data = b"a\r\nb\r\n"
+    assert to_crlf(data) is data, "no copy of a message that is CRLF already"
+    assert to_crlf(b"a\nb\n") == b"a\r\nb\r\n"
+    assert to_crlf(b"\r\r\n\n\r") == b"\r\n\r\n\r\n\r\n"
+
+
+def test_part_bodies_are_views_until_read():
+    entity = parse_entity(MIXED)
+    assert isinstance(entity.parts[0].body_view, memoryview)
+    assert entity.parts[0].body == b"hello" and isinstance(entity.parts[0].body, bytes)

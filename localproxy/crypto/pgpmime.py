@@ -125,43 +125,62 @@ def encrypt_message(
     protect_headers: bool = True,
 ) -> bytes:
     """RFC 3156 multipart/encrypted of a whole message, signed inside when signer is given."""
-    message = parse_entity(to_crlf(raw))
+    return encrypt_entity(parse_entity(to_crlf(raw)), engine, recipients, signer, protect_headers)
+
+
+def encrypt_entity(
+    message: Entity,
+    engine: OpenPGPEngine,
+    recipients: Sequence[bytes],
+    signer: bytes | None = None,
+    protect_headers: bool = True,
+) -> bytes:
+    """encrypt_message() of a message parsed already (with CRLF line endings)."""
     outer_fields = [
         h for h in message.headers if not is_content_header(h) and h.name.lower() not in _STRUCTURAL
     ]
     inner = _inner_entity(message, outer_fields, protect_headers)
     armored = engine.encrypt(inner, recipients, signer=signer, armor=True)
-    outer_kept = _outer_fields(outer_fields, protect_headers)
+    del inner  # each of these is the size of the message: keep one at a time
+    armored = to_crlf(armored)
     boundary = _boundary()
-    header = (
-        b"".join(h.raw for h in outer_kept)
-        + header_field("MIME-Version", "1.0")
-        + header_field(
-            "Content-Type",
-            f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{boundary}"',
-        )
+    return b"".join(
+        [
+            *(h.raw for h in _outer_fields(outer_fields, protect_headers)),
+            header_field("MIME-Version", "1.0"),
+            header_field(
+                "Content-Type",
+                f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{boundary}"',
+            ),
+            CRLF,
+            b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n",
+            f"--{boundary}\r\n".encode(),
+            b"Content-Type: application/pgp-encrypted\r\n",
+            b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n",
+            f"--{boundary}\r\n".encode(),
+            b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
+            b"Content-Description: OpenPGP encrypted message\r\n",
+            b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n',
+            _without_final_newlines(armored),
+            CRLF,
+            f"--{boundary}--\r\n".encode(),
+        ]
     )
-    body = (
-        b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n"
-        + f"--{boundary}\r\n".encode()
-        + b"Content-Type: application/pgp-encrypted\r\n"
-        + b"Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
-        + f"--{boundary}\r\n".encode()
-        + b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n'
-        + b"Content-Description: OpenPGP encrypted message\r\n"
-        + b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n'
-        + to_crlf(armored).rstrip(CRLF)
-        + CRLF
-        + f"--{boundary}--\r\n".encode()
-    )
-    return header + CRLF + body
+
+
+def _without_final_newlines(data: bytes) -> memoryview:
+    """data.rstrip(CRLF) as a view: the armor is the size of the message, so no copy."""
+    end = len(data)
+    while end and data[end - 1] in (0x0D, 0x0A):
+        end -= 1
+    return memoryview(data)[:end]
 
 
 def _inner_entity(message: Entity, outer_fields: list[Header], protect: bool) -> bytes:
     """The entity that gets encrypted: the client's content, headers copied in when protected."""
     content = [h for h in message.headers if is_content_header(h)]
     if not protect:
-        return b"".join(h.raw for h in content) + CRLF + message.body
+        return b"".join([*(h.raw for h in content), CRLF, message.body_view])
     ctype = message.get("Content-Type")
     marked = _with_hp_params(
         ctype.raw if ctype else b"Content-Type: text/plain; charset=us-ascii\r\n"
@@ -173,7 +192,7 @@ def _inner_entity(message: Entity, outer_fields: list[Header], protect: bool) ->
         if not h.name.lower().startswith(STATUS_HEADER_PREFIX)
     ]
     hp_outer = [b"HP-Outer: " + _ensure_crlf(h.raw) for h in _outer_fields(outer_fields, True)]
-    return marked + b"".join(others) + b"".join(copies) + b"".join(hp_outer) + CRLF + message.body
+    return b"".join([marked, *others, *copies, *hp_outer, CRLF, message.body_view])
 
 
 def _with_hp_params(content_type_field: bytes) -> bytes:
@@ -205,36 +224,40 @@ def _boundary() -> str:
 
 def sign_message(raw: bytes, engine: OpenPGPEngine, signer: bytes) -> bytes:
     """RFC 3156 multipart/signed; the signature covers the exact canonical part bytes."""
-    message = parse_entity(to_crlf(raw))
+    return sign_entity(parse_entity(to_crlf(raw)), engine, signer)
+
+
+def sign_entity(message: Entity, engine: OpenPGPEngine, signer: bytes) -> bytes:
+    """sign_message() of a message parsed already (with CRLF line endings)."""
     outer = [
         h for h in message.headers if not is_content_header(h) and h.name.lower() not in _STRUCTURAL
     ]
     part = seven_bit_entity(message)
     signature = engine.sign_detached(part, signer, armor=True)
     boundary = _boundary()
-    header = (
-        b"".join(h.raw for h in outer)
-        + header_field("MIME-Version", "1.0")
-        + header_field(
-            "Content-Type",
-            f"multipart/signed; micalg={engine.micalg(signature)}; "
-            f'protocol="application/pgp-signature"; boundary="{boundary}"',
-        )
+    return b"".join(
+        [
+            *(h.raw for h in outer),
+            header_field("MIME-Version", "1.0"),
+            header_field(
+                "Content-Type",
+                f"multipart/signed; micalg={engine.micalg(signature)}; "
+                f'protocol="application/pgp-signature"; boundary="{boundary}"',
+            ),
+            CRLF,
+            b"This is an OpenPGP/MIME signed message (RFC 4880 and 3156)\r\n",
+            f"--{boundary}\r\n".encode(),
+            part,
+            CRLF,
+            f"--{boundary}\r\n".encode(),
+            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
+            b"Content-Description: OpenPGP digital signature\r\n",
+            b'Content-Disposition: attachment; filename="signature.asc"\r\n\r\n',
+            _without_final_newlines(to_crlf(signature)),
+            CRLF,
+            f"--{boundary}--\r\n".encode(),
+        ]
     )
-    body = (
-        b"This is an OpenPGP/MIME signed message (RFC 4880 and 3156)\r\n"
-        + f"--{boundary}\r\n".encode()
-        + part
-        + CRLF
-        + f"--{boundary}\r\n".encode()
-        + b'Content-Type: application/pgp-signature; name="signature.asc"\r\n'
-        + b"Content-Description: OpenPGP digital signature\r\n"
-        + b'Content-Disposition: attachment; filename="signature.asc"\r\n\r\n'
-        + to_crlf(signature).rstrip(CRLF)
-        + CRLF
-        + f"--{boundary}--\r\n".encode()
-    )
-    return header + CRLF + body
 
 
 def seven_bit_entity(message: Entity) -> bytes:
@@ -244,7 +267,9 @@ def seven_bit_entity(message: Entity) -> bytes:
     Leaves that are already 7-bit keep their exact bytes.
     """
     content = [h for h in message.headers if is_content_header(h)]
-    entity = Entity(b"".join(h.raw for h in content), CRLF, message.body, content, message.parts)
+    entity = Entity(
+        b"".join(h.raw for h in content), CRLF, message.body_view, content, message.parts
+    )
     return _seven_bit(entity)
 
 

@@ -39,7 +39,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import ipaddress
 import itertools
 import logging
 import quopri
@@ -50,7 +49,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from localproxy.config import Account, UpstreamServer
+from localproxy.config import Account, UpstreamServer, is_loopback
 from localproxy.imap.cache import ViewCache, ViewKey
 from localproxy.imap.codec import (
     Atom,
@@ -365,16 +364,6 @@ def _bound_port(server: asyncio.Server | None) -> int:
     return int(server.sockets[0].getsockname()[1])
 
 
-def is_loopback(host: str) -> bool:
-    """Does this listen address stay on the machine? (Clear-text login is fine there.)"""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # --------------------------------------------------------------------------- per-session state
 
 
@@ -539,6 +528,9 @@ class ImapSession:
         try:
             if await self._connect_upstream():
                 await self._relay()
+        except asyncio.CancelledError:  # the proxy is shutting down: say so (RFC 9051 7.1.5)
+            self._bye(b"UNAVAILABLE", "localproxy is shutting down")
+            raise
         except Exception:
             log.exception("%s internal error", self.name)
             self._bye(b"SERVERBUG", "internal error in localproxy")

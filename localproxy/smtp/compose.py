@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from localproxy.config import Account, Policy, normalize_address
 from localproxy.crypto.openpgp import OpenPGPEngine
-from localproxy.crypto.pgpmime import Kind, classify, encrypt_message, sign_message
+from localproxy.crypto.pgpmime import Kind, classify, encrypt_entity, sign_entity
 from localproxy.keys.store import KeyStore
 from localproxy.mime import (
     CRLF,
+    Entity,
     Header,
+    entity_with_body,
     header_field,
+    locate_body,
     parse_entity,
     parse_headers,
     split_header_body,
@@ -86,15 +90,14 @@ def compose(
     engine: OpenPGPEngine,
 ) -> list[Copy]:
     """The copies to send, first copy first. Raises PolicyRefusal."""
-    prepared = prepare_headers(to_crlf(raw), account.addresses[0].rpartition("@")[2])
-    entity = parse_entity(prepared)
+    entity = prepared_entity(to_crlf(raw), account.addresses[0].rpartition("@")[2])
     if classify(entity) != Kind.PLAIN:
-        return [Copy(tuple(recipients), prepared, "passthrough")]
+        return [Copy(tuple(recipients), entity.raw, "passthrough")]
     sender = own_sender(entity, account, store)
     plan = _plan(entity, recipients, account, policy, store)
     if sender.public is not None and policy.setting("autocrypt", account.policy):
-        prepared = add_autocrypt(prepared, sender, policy.setting("prefer_encrypt", account.policy))
-    return _build(prepared, plan, sender, engine)
+        entity = autocrypt_entity(entity, sender, policy.setting("prefer_encrypt", account.policy))
+    return _build(entity, plan, sender, engine)
 
 
 def _plan(
@@ -125,7 +128,7 @@ def _visible_recipients(entity) -> set[str]:
     return {normalize_address(addr) for _name, addr in email.utils.getaddresses(fields) if addr}
 
 
-def _build(prepared: bytes, plan: _Plan, sender: Sender, engine: OpenPGPEngine) -> list[Copy]:
+def _build(entity: Entity, plan: _Plan, sender: Sender, engine: OpenPGPEngine) -> list[Copy]:
     own = [sender.public] if sender.public else []
     signer = sender.secret if plan.sign_encrypted else None
     copies = []
@@ -134,19 +137,19 @@ def _build(prepared: bytes, plan: _Plan, sender: Sender, engine: OpenPGPEngine) 
         copies.append(
             Copy(
                 tuple(r for r, _k in plan.main),
-                encrypt_message(prepared, engine, keys, signer=signer),
+                encrypt_entity(entity, engine, keys, signer=signer),
                 "encrypted",
             )
         )
     if plan.plain:
         if plan.sign_plain and sender.secret:
             copies.append(
-                Copy(tuple(plan.plain), sign_message(prepared, engine, sender.secret), "signed")
+                Copy(tuple(plan.plain), sign_entity(entity, engine, sender.secret), "signed")
             )
         else:
-            copies.append(Copy(tuple(plan.plain), prepared, "plain"))
+            copies.append(Copy(tuple(plan.plain), entity.raw, "plain"))
     for recipient, key in plan.bcc:
-        message = encrypt_message(prepared, engine, [key, *own], signer=signer)
+        message = encrypt_entity(entity, engine, [key, *own], signer=signer)
         copies.append(Copy((recipient,), message, "encrypted"))
     return copies
 
@@ -161,6 +164,10 @@ def prepare_headers(raw: bytes, default_domain: str = "localhost") -> bytes:
     name (socket.getfqdn() would tell every recipient, and can stall on DNS).
     """
     fields, sep, body = header_section(raw)
+    return _prepared_header(fields, default_domain) + (sep or CRLF) + body
+
+
+def _prepared_header(fields: list[Header], default_domain: str) -> bytes:
     fields = [h for h in fields if h.name.lower() != "bcc"]
     names = {h.name.lower() for h in fields}
     extra = b""
@@ -169,7 +176,20 @@ def prepare_headers(raw: bytes, default_domain: str = "localhost") -> bytes:
         extra += header_field("Message-ID", f"<{secrets.token_hex(16)}@{domain}>")
     if "date" not in names:
         extra += header_field("Date", email.utils.formatdate(localtime=True))
-    return b"".join(h.raw for h in fields) + extra + (sep or CRLF) + body
+    return b"".join(h.raw for h in fields) + extra
+
+
+def prepared_entity(raw: bytes, default_domain: str = "localhost") -> Entity:
+    """parse_entity(prepare_headers(raw)), with the body left in place in raw: the
+    message is parsed once, and a large one is not copied for new header lines."""
+    header_end, sep, body_start = locate_body(raw)
+    fields = parse_headers(raw[:header_end])
+    header = _prepared_header(fields, default_domain)
+    if any(not h.name for h in fields) or not header.endswith(CRLF) or sep == b"\n":
+        # Lines that are no header field move to the body (header_section), a last
+        # field without line end, bare LF: rare, so the exact slow path.
+        return parse_entity(prepare_headers(raw, default_domain))
+    return entity_with_body(header, CRLF, raw, body_start)
 
 
 def header_section(raw: bytes) -> tuple[list[Header], bytes, bytes]:
@@ -214,13 +234,37 @@ def own_sender(entity, account: Account, store: KeyStore) -> Sender:
 
 def add_autocrypt(raw: bytes, sender: Sender, prefer_encrypt: bool) -> bytes:
     """Autocrypt Level 1 header (keydata last), replacing one the client set."""
-    assert sender.public is not None and sender.address is not None
-    keydata = base64.b64encode(sender.public).decode()
-    value = f"addr={sender.address}; " + ("prefer-encrypt=mutual; " if prefer_encrypt else "")
-    folded = "\r\n ".join(keydata[i : i + 72] for i in range(0, len(keydata), 72))
-    field_bytes = f"Autocrypt: {value}keydata=\r\n {folded}\r\n".encode()
-    if len(field_bytes) > AUTOCRYPT_MAX:
+    field_bytes = autocrypt_field(sender, prefer_encrypt)
+    if field_bytes is None:
         return raw
     header, sep, body = split_header_body(raw)
+    return _with_autocrypt(header, field_bytes) + sep + body
+
+
+def autocrypt_entity(entity: Entity, sender: Sender, prefer_encrypt: bool) -> Entity:
+    """add_autocrypt() on a parsed message, its body and parts left as they are."""
+    field_bytes = autocrypt_field(sender, prefer_encrypt)
+    if field_bytes is None:
+        return entity
+    header = _with_autocrypt(entity.header, field_bytes)
+    return Entity(header, entity.separator, entity.body_view, parse_headers(header), entity.parts)
+
+
+def _with_autocrypt(header: bytes, field_bytes: bytes) -> bytes:
     kept = [h.raw for h in parse_headers(header) if h.name.lower() != "autocrypt"]
-    return b"".join(kept) + field_bytes + sep + body
+    return b"".join(kept) + field_bytes
+
+
+@functools.lru_cache(maxsize=16)
+def _autocrypt_field(address: str, public: bytes, prefer_encrypt: bool) -> bytes | None:
+    keydata = base64.b64encode(public).decode()
+    value = f"addr={address}; " + ("prefer-encrypt=mutual; " if prefer_encrypt else "")
+    folded = "\r\n ".join(keydata[i : i + 72] for i in range(0, len(keydata), 72))
+    field_bytes = f"Autocrypt: {value}keydata=\r\n {folded}\r\n".encode()
+    return None if len(field_bytes) > AUTOCRYPT_MAX else field_bytes
+
+
+def autocrypt_field(sender: Sender, prefer_encrypt: bool) -> bytes | None:
+    """The header field, None when too big; cached, as it is the same for every message."""
+    assert sender.public is not None and sender.address is not None
+    return _autocrypt_field(sender.address, sender.public, prefer_encrypt)

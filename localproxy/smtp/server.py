@@ -15,22 +15,22 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import ipaddress
 import json
 import logging
 import ssl
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiosmtplib
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from localproxy.config import Account, Config
+from localproxy.config import Account, Config, is_loopback
 from localproxy.crypto.openpgp import OpenPGPEngine
 from localproxy.keys.store import KeyStore
+from localproxy.mime import CRLF, to_crlf
 from localproxy.smtp.compose import Copy, PolicyRefusal, compose, refusal_for_recipient
 from localproxy.smtp.outbox import Outbox, OutboxItem, PermanentFailure, TemporaryFailure
 from localproxy.tls import UpstreamError
@@ -335,7 +335,7 @@ class SmtpHandler:
         upstream = await self._upstream(proxy)
         if single and proxy.transaction_open and copy.recipients == tuple(envelope.rcpt_tos):
             try:
-                response = await upstream.data(copy.message)
+                response = await send_data(upstream, copy.message)
             except aiosmtplib.SMTPResponseException as exc:
                 raise UpstreamRefused(exc.code, exc.message) from None
             return f"{response.code} {response.message}"
@@ -406,12 +406,78 @@ async def _transaction(
         await upstream.mail(mail_from or "", options=options, encoding=encoding)
         for recipient in copy.recipients:
             await upstream.rcpt(recipient, encoding=encoding)
-        response = await upstream.data(copy.message)
+        response = await send_data(upstream, copy.message)
     except aiosmtplib.SMTPResponseException as exc:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await upstream.rset()
         raise UpstreamRefused(exc.code, exc.message) from None
     return f"{response.code} {response.message}"
+
+
+DATA_CHUNK = 1 << 20  # octets written before waiting for the connection to drain
+
+
+async def send_data(upstream: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
+    """upstream.data(message), without its three whole-message copies.
+
+    aiosmtplib rewrites every line ending with a regex (a list of every line) and
+    dot-stuffs and appends into new bytes: about ten times a large message in
+    memory. Our copies are CRLF already, so this writes views of the message,
+    dot-stuffed on the fly, with flow control. It uses aiosmtplib's protocol
+    internals, so any other version falls back to data().
+    """
+    protocol = upstream.protocol
+    if not all(hasattr(protocol, name) for name in _PROTOCOL_API) or not upstream.is_connected:
+        return await upstream.data(message)
+    try:  # no EHLO check: MAIL and RCPT went first
+        return await _data_command(protocol, to_crlf(message), upstream.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        upstream.close()
+        raise
+
+
+_PROTOCOL_API = ("_command_lock", "_response_pending", "_drain_helper", "read_response", "write")
+
+
+async def _data_command(protocol: Any, message: bytes, timeout: float | None) -> Any:
+    """aiosmtplib's SMTPProtocol.execute_data_command, streaming the message."""
+    if protocol._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    async with protocol._command_lock:
+        protocol._response_pending = True
+        protocol.write(b"DATA\r\n")
+        start = await protocol.read_response(timeout=timeout)
+        if start.code != aiosmtplib.SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol._response_pending = True
+        written = 0
+        for piece in _dot_stuffed(message):
+            protocol.write(piece)
+            written += len(piece)
+            if written >= DATA_CHUNK:
+                written = 0
+                await protocol._drain_helper()
+        protocol.write(b".\r\n" if message.endswith(CRLF) else b"\r\n.\r\n")
+        response = await protocol.read_response(timeout=timeout)
+        if response.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
+def _dot_stuffed(message: bytes) -> Iterator[memoryview | bytes]:
+    """The message in pieces of about DATA_CHUNK octets, a "." added before each line
+    that starts with one (RFC 5321 4.5.2)."""
+    view, position = memoryview(message), 0
+    if message.startswith(b"."):
+        yield b"."
+    while position < len(message):
+        # +2: a line start just past the chunk's end is found here, not missed at the seam
+        dot = message.find(b"\r\n.", position, position + DATA_CHUNK + 2)
+        stop = dot + 2 if dot >= 0 else min(position + DATA_CHUNK, len(message))
+        yield view[position:stop]
+        if dot >= 0:
+            yield b"."
+        position = stop
 
 
 def _pass_options(options: list[str]) -> list[str]:
@@ -516,15 +582,6 @@ class LocalSMTP(SMTP):
         if status == "500 Command line too long":
             return "500 5.5.2 Command line too long"
         return status
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SmtpProxy:

@@ -286,3 +286,14 @@ def test_status_when_not_running_exits_3(clean_provider, tmp_path):
     )
     assert done.returncode == 3
     assert "is not running" in done.stdout and " run" in done.stdout
+
+
+def test_open_imap_sessions_get_bye_on_shutdown(daemon):
+    with socket.create_connection(("127.0.0.1", daemon.imap_port), timeout=10) as client:
+        assert client.recv(4096).startswith(b"* OK")
+        daemon.process.send_signal(signal.SIGTERM)
+        received = b""
+        while chunk := client.recv(4096):
+            received += chunk
+    assert b"* BYE [UNAVAILABLE] localproxy is shutting down" in received
+    assert daemon.process.wait(30) == 0
