@@ -19,6 +19,7 @@ import logging
 import logging.handlers
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -221,7 +222,14 @@ class Daemon:
         self._spawn(self._check_loop())
 
     def _store_key(self) -> bytes:
-        return self.store.store_key.key  # its warning shows in each account's panel
+        try:
+            return self.store.store_key.key  # its warning shows in each account's panel
+        except SecretBoxError as exc:
+            # Keep serving, loudly: own keys stay locked (nothing is signed or decrypted,
+            # and mail that needs them is refused with 451), and the outbox seals with a
+            # key that lives only as long as this process.
+            self.warnings.append(f"own keys cannot be unlocked: {exc}")
+            return secrets.token_bytes(32)
 
     def _account_map(self) -> dict[str, Account]:
         return {a.name: a for a in self.config.accounts}
@@ -492,8 +500,14 @@ class Daemon:
             outbox=self._outbox_status(name),
             own_key=self._own_key(name),
             recipients_known=sum(1 for c in self.store.certs() if not c.is_own),
-            key_warning=self.store.store_key.warning,
+            key_warning=self._store_key_warning(),
         )
+
+    def _store_key_warning(self) -> str | None:
+        try:
+            return self.store.store_key.warning
+        except SecretBoxError as exc:
+            return f"own keys cannot be unlocked: {exc}"
 
     @staticmethod
     def _listeners(runtime: AccountRuntime) -> list[Listener]:

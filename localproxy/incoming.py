@@ -46,6 +46,7 @@ from localproxy.crypto.pgpmime import (
 from localproxy.imap.relay import MessageContext
 from localproxy.keys.store import KeyStore
 from localproxy.mime import CRLF, Entity, parse_entity, split_header_body
+from localproxy.secretbox import SecretBoxError
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,15 @@ class IncomingProcessor:
             # No date check here: an older message needs its (older) signing key to verify,
             # and the store never lets an older key displace a newer one.
             learn_autocrypt(self.store, stored, "autocrypt")
-        secret_keys = self.store.own_secrets(self.account.name)
+        try:
+            secret_keys, locked = self.store.own_secrets(self.account.name), None
+        except SecretBoxError as exc:  # keyring entry lost: show the mail as stored, and why
+            secret_keys, locked = [], f"own keys are locked: {exc}"
         result = unwrap(
             stored, self.engine, secret_keys, self.store.certs_for_ids, max_output=self.max_output
         )
+        if locked and result.error and not result.decrypted:
+            result.error = locked
         if self.autocrypt and result.decrypted:
             learn_autocrypt(self.store, result.message, "autocrypt-gossip", gossip=True)
         self._count(result)

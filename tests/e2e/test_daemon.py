@@ -297,3 +297,49 @@ def test_open_imap_sessions_get_bye_on_shutdown(daemon):
             received += chunk
     assert b"* BYE [UNAVAILABLE] localproxy is shutting down" in received
     assert daemon.process.wait(30) == 0
+
+
+def test_locked_keys_are_loud_and_never_mean_plaintext(clean_provider, tmp_path):
+    running = start_daemon(clean_provider, tmp_path)
+    running.stop()
+    (tmp_path / "data" / "store.key").unlink()  # the keyring entry is gone
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localproxy", "--config", str(running.config), "run"],
+        env=running.env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    locked = Running(running.config, running.env, process, running.imap_port, running.smtp_port)
+    try:
+        wait_listening(locked.smtp_port)
+        account = status_json(locked)["accounts"][0]
+        assert "cannot be unlocked" in " ".join(status_json(locked)["warnings"])
+        assert account["own_key"]["problem"] and "keys restore" in account["own_key"]["problem"]
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send(clean_provider, locked.smtp_port, b"must not leave in clear\r\n")
+        assert refused.value.smtp_code == 451
+    finally:
+        locked.stop()
+    assert clean_provider.stored_messages("bob") == []
+
+
+def test_a_stale_socket_file_does_not_block_the_start(clean_provider, tmp_path):
+    running = start_daemon(clean_provider, tmp_path)
+    (sock,) = Path(running.env["LOCALPROXY_RUNTIME_DIR"]).glob("*.sock")
+    running.process.kill()  # SIGKILL: the socket file stays behind
+    running.process.wait()
+    assert sock.exists()
+    again = subprocess.Popen(
+        [sys.executable, "-m", "localproxy", "--config", str(running.config), "run"],
+        env=running.env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    restarted = Running(running.config, running.env, again, running.imap_port, running.smtp_port)
+    try:
+        wait_listening(restarted.smtp_port)
+        assert status_json(restarted)["pid"] == again.pid
+    finally:
+        restarted.stop()
