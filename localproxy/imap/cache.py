@@ -52,6 +52,9 @@ class ViewCache:
         # message never changes under its UID, so a later FETCH of them needs no probes.
         self._plain: dict[tuple[str, bytes, int], set[int]] = {}
         self._plain_count = 0
+        # The UIDs with a view here, per mailbox: lets the relay ask the provider for a
+        # 1-octet stand-in instead of a whole message it need not read again
+        self._viewed: dict[tuple[str, bytes, int], set[int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -116,12 +119,24 @@ class ViewCache:
         if size > self.max_bytes:
             return  # served once, never kept: it would evict everything else
         if key in self._entries:
-            self._total -= _size(self._entries.pop(key))
+            self._forget(key)
         self._entries[key] = view
         self._total += size
+        self._viewed.setdefault(_mailbox_of(key), set()).add(key.uid)
         while self._total > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._total -= _size(evicted)
+            self._forget(next(iter(self._entries)))
+
+    def _forget(self, key: ViewKey) -> None:
+        self._total -= _size(self._entries.pop(key))
+        uids = self._viewed.get(_mailbox_of(key))
+        if uids is not None:
+            uids.discard(key.uid)
+            if not uids:
+                del self._viewed[_mailbox_of(key)]
+
+    def viewed_uids(self, account: str, mailbox: bytes, uidvalidity: int) -> AbstractSet[int]:
+        """The UIDs of that mailbox whose view is cached (live, read-only use)."""
+        return self._viewed.get((account, mailbox, uidvalidity), frozenset())
 
     def mark_plain(self, key: ViewKey) -> None:
         """The provider's copy of this message is what the client may see."""
@@ -145,7 +160,11 @@ class ViewCache:
         """Forget every view (of one account): e.g. after a key was imported, so messages
         that could not be decrypted before are tried again."""
         for key in [k for k in self._entries if account is None or k.account == account]:
-            self._total -= _size(self._entries.pop(key))
+            self._forget(key)
+
+
+def _mailbox_of(key: ViewKey) -> tuple[str, bytes, int]:
+    return key.account, key.mailbox, key.uidvalidity
 
 
 def _size(view: MessageView) -> int:

@@ -669,7 +669,20 @@ class Unparsed:
     reason: str
 
 
-ServerEvent: TypeAlias = Untagged | Tagged | Continuation | Unparsed | Fatal
+@dataclass(frozen=True, slots=True)
+class RawFetch:
+    """`* n FETCH (...)` framed but not tokenized (ServerParser(lazy_fetch=True)): a relay
+    that forwards most FETCH responses unchanged skips the tokenizer, the costliest step
+    on a big mailbox, and calls `parse()` for the few it must look into."""
+
+    raw: bytes
+    number: int
+
+    def parse(self) -> Untagged | Unparsed:
+        return _parse_untagged_data(self.raw)
+
+
+ServerEvent: TypeAlias = Untagged | Tagged | Continuation | Unparsed | Fatal | RawFetch
 
 
 # --------------------------------------------------------------------------- framing
@@ -1016,6 +1029,9 @@ def _command_word(raw: bytes, position: int, end: int, what: str) -> tuple[bytes
 
 _STATUS_WORD = re.compile(rb"(OK|NO|BAD|BYE|PREAUTH)(?= |\r\n|\Z)", re.I)
 _SERVER_TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\+]+ ")
+# What RawFetch stands for: the form Untagged.number and .name would read (canonical
+# number, FETCH in any case, then a list); anything odder is tokenized as before
+_RAW_FETCH_HEAD = re.compile(rb"\* ([1-9]\d{0,9}) FETCH \(", re.I)
 
 
 class ServerParser(_Framer):
@@ -1023,7 +1039,7 @@ class ServerParser(_Framer):
     is never scanned for literals; other untagged responses may carry literals. Limits:
     max_line_length (default 8 MiB: a SEARCH result on a big mailbox is one long line),
     max_literal_size (256 MiB), max_response_size (default twice the literal cap). Any of
-    them exceeded -> Fatal."""
+    them exceeded -> Fatal. With lazy_fetch, FETCH responses come out as `RawFetch`."""
 
     def __init__(
         self,
@@ -1031,8 +1047,10 @@ class ServerParser(_Framer):
         max_line_length: int = 8 * MiB,
         max_literal_size: int = 256 * MiB,
         max_response_size: int | None = None,
+        lazy_fetch: bool = False,
     ) -> None:
         super().__init__(max_line_length)
+        self._lazy_fetch = lazy_fetch
         self._max_literal = max_literal_size
         self._max_response = (
             max_response_size if max_response_size is not None else 2 * max_literal_size
@@ -1084,6 +1102,8 @@ class ServerParser(_Framer):
         if announcement is None:
             raw = b"".join(self._parts)
             self._parts, self._size = [], 0
+            if self._lazy_fetch and (head := _RAW_FETCH_HEAD.match(raw)) is not None:
+                return RawFetch(raw, int(head[1]))
             return _parse_untagged_data(raw)
         size = announcement[1]
         if size is None or size > self._max_literal:
@@ -1756,6 +1776,7 @@ __all__ = [
     "Number",
     "PList",
     "Quoted",
+    "RawFetch",
     "Rejected",
     "ResponseCode",
     "Section",

@@ -70,6 +70,7 @@ from localproxy.imap.codec import (
     Number,
     PList,
     Quoted,
+    RawFetch,
     Rejected,
     ResponseCode,
     Section,
@@ -157,6 +158,7 @@ SPECIAL_USE_APPEND = frozenset({b"\\SENT", b"\\DRAFTS"})
 # Mailboxes larger than this get no sequence-number map (memory); FETCHes there keep
 # their probes unless they name UIDs.
 MAX_SEQUENCE_MAP = 1_000_000
+MAX_UID = 2**32 - 1
 
 
 # --------------------------------------------------------------------------- public types
@@ -415,6 +417,9 @@ class FetchContext:
     added: set[ItemKey]  # items the client did not ask for: removed from responses
     # sent without probes: every message it names was known plain beforehand
     unprobed: bool = False
+    # whole-message items asked upstream as a 1-octet partial (the view is cached): the
+    # partial's response key -> the client's item, which the response must carry instead
+    substituted: dict[ItemKey, FetchItem] = field(default_factory=dict)
     failure: str | None = None
     failure_code: bytes = b"UNAVAILABLE"
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -497,10 +502,13 @@ class ImapSession:
         self.authenticated = False
         # while the client's TLS handshake runs, output waits here (None: write directly)
         self.held_output: list[bytes] | None = None
+        # while the upstream loop handles one read, output collects here and goes out in
+        # one write: one send() per response was a large share of a big FETCH
+        self.client_out: list[bytes] | None = None
         self.name = f"imap[{self.account.name}#{number}]"
         self.probes = proxy.probes
         self.client = ClientParser(max_literal_size=proxy.max_literal_size)
-        self.server = ServerParser()
+        self.server = ServerParser(lazy_fetch=True)
         self.upstream: ImapUpstream | None = None
         self.upstream_caps: set[bytes] = set()
         self.pending: dict[bytes, Pending] = {}
@@ -579,6 +587,7 @@ class ImapSession:
     async def _shutdown(self) -> None:
         # After a failed TLS handshake the connection is already gone, and the clear-text
         # writer would never learn it (the TLS layer had taken its place): do not wait.
+        self._end_batch()
         connected = self.held_output is None
         if connected:
             with contextlib.suppress(Exception):
@@ -597,8 +606,24 @@ class ImapSession:
     def _to_client(self, data: bytes) -> None:
         if self.held_output is not None:
             self.held_output.append(data)
+        elif self.client_out is not None:
+            self.client_out.append(data)
         elif not self.client_writer.is_closing():
             self.client_writer.write(data)
+
+    def _write_collected(self) -> None:
+        """Send what the current batch collected so far (the batch goes on)."""
+        out = self.client_out
+        if out:
+            self.client_out = []
+            if self.held_output is not None:
+                self.held_output.extend(out)
+            elif not self.client_writer.is_closing():
+                self.client_writer.write(b"".join(out))
+
+    def _end_batch(self) -> None:
+        self._write_collected()
+        self.client_out = None
 
     def _bye(self, code: bytes, text: str) -> None:
         self._to_client(status_response(None, b"BYE", text, ResponseCode.build(code)))
@@ -729,6 +754,7 @@ class ImapSession:
         that reached the clear-text reader before the handshake are never read."""
         context = self.proxy.tls_context
         assert context is not None
+        self._end_batch()  # the OK above must go out in clear, before the handshake
         plain = self.client_writer
         self.held_output = []  # the provider's lines must not go out in clear meanwhile
         await plain.drain()
@@ -882,6 +908,10 @@ class ImapSession:
             await self._send(command, Pending(command.verb))
             return
         uid_command = command.subcommand is not None
+        if self._all_viewed(request.sequence_set, uid_command) and await self._fetch_from_views(
+            command, request.items, uid_command
+        ):
+            return
         if (
             not uid_command
             and not self.pending
@@ -917,6 +947,27 @@ class ImapSession:
         )
         await self._send_fetch(rewritten, context)
 
+    async def _fetch_from_views(
+        self, command: Command, requested: list[FetchItem], uid_command: bool
+    ) -> bool:
+        """The FETCH with each whole-message item replaced by a 1-octet partial: the
+        views are cached, so the ciphertext need not cross the wire again. The partial
+        keeps the item's place and, without .PEEK, its setting of \\Seen. False (nothing
+        sent) when the request has no such item or the stand-ins would be ambiguous."""
+        items, added = _upstream_fetch_items(command.args[1], requested, uid_command, None)
+        stand_ins = _stand_ins(items, requested)
+        if stand_ins is None:
+            return False
+        tokens, substituted = stand_ins
+        context = FetchContext(
+            command.tag, requested, added, unprobed=True, substituted=substituted
+        )
+        args = (command.args[0], PList(tuple(tokens)), *command.args[2:])
+        rewritten = build_command(command.tag, command.name, args, command.subcommand)
+        log.debug("%s FETCH %s served from cached views", self.name, command.tag)
+        await self._send_fetch(rewritten, context)
+        return True
+
     async def _send_fetch(self, command: Command, context: FetchContext) -> None:
         self.fetch = context
         try:
@@ -934,8 +985,12 @@ class ImapSession:
         try:
             while True:
                 self.server.feed(await self._read_upstream())
-                while (event := self.server.next_event()) is not None:
-                    await self._on_server_event(event)
+                self.client_out = []
+                try:
+                    while (event := self.server.next_event()) is not None:
+                        await self._on_server_event(event)
+                finally:
+                    self._end_batch()
                 await self.client_writer.drain()
         except _UpstreamBroken as exc:
             self._upstream_gone(str(exc))
@@ -971,6 +1026,8 @@ class ImapSession:
 
     async def _on_server_event(self, event: ServerEvent) -> None:
         match event:
+            case RawFetch():
+                await self._on_raw_fetch(event)
             case Untagged():
                 await self._on_untagged(event)
             case Tagged():
@@ -1187,6 +1244,37 @@ class ImapSession:
         named = [uid for uid in known if any(low <= uid <= high for low, high in ranges)]
         return bool(named) and all(uid in plain for uid in named)
 
+    def _all_viewed(self, sequence_set: SequenceSet, uid_command: bool) -> bool:
+        """Does every message this FETCH names have a cached view, and none is known
+        plain? Exact where the sequence-number map is known; for a UID FETCH after a new
+        SELECT a bet like _mostly_known. A lost bet costs time, not correctness: an
+        uncached message is served from a view built through the side session."""
+        uids, selected = self.seq_uids, self.selected
+        if self.pending or not uids or sequence_set.saved or selected is None:
+            return False
+        viewed = self.proxy.cache.viewed_uids(
+            self.account.name, selected.mailbox, selected.uidvalidity
+        )
+        if not viewed:
+            return False
+        if not uid_command:
+            ranges = sequence_set.resolve(len(uids))
+            if not ranges or ranges[-1][1] > len(uids):
+                return False
+            return all(uids[n - 1] in viewed for low, high in ranges for n in range(low, high + 1))
+        ranges = sequence_set.resolve(MAX_UID)  # "*" may stand for any UID
+
+        def named(uid: int) -> bool:
+            return any(low <= uid <= high for low, high in ranges)
+
+        if any(named(uid) for uid in self._plain_uids()):
+            return False
+        if None not in uids:
+            hits = [uid for uid in uids if uid is not None and named(uid)]
+            return bool(hits) and all(uid in viewed for uid in hits)
+        span = sum(high - low + 1 for low, high in ranges)
+        return sum(1 for uid in viewed if named(uid)) >= min(len(uids), span)
+
     # -- FETCH: the responses -------------------------------------------------------------------
 
     def _unreadable_fetch(self, raw: bytes) -> None:
@@ -1198,13 +1286,46 @@ class ImapSession:
         else:
             self._to_client(raw)
 
+    async def _on_raw_fetch(self, event: RawFetch) -> None:
+        """Most FETCH responses of a big mailbox are about known plain messages and go
+        out unchanged: those are never tokenized."""
+        forward = self._plain_passthrough(event.raw, event.number)
+        if forward is not None:
+            self._to_client(forward)
+        else:
+            await self._on_server_event(event.parse())
+
+    def _plain_passthrough(self, raw: bytes, sequence: int) -> bytes | None:
+        """What to send for a response about a known plain message that carries nothing
+        of the relay's but, perhaps, a UID it added; None: read it in full. The message
+        is known by a UID among the leading simple items, else by the sequence-number
+        map (exact, see _track_sequence). A malformed response about a plain message is
+        passed on as received: it holds nothing the relay would change."""
+        context = self.fetch
+        if context is not None and context.substituted:
+            return None  # its items are stand-ins: they must be replaced
+        head = _HEAD_UID.match(raw)
+        uid = int(head[1]) if head is not None else self._uid_at(sequence)
+        if uid is None or uid not in self._plain_uids():
+            return None
+        if context is None or not context.added:
+            return raw  # nothing of ours in it, nothing to change
+        if context.unprobed and context.added == {UID_KEY}:
+            return self._without_added_uid(raw)
+        return None
+
     async def _on_fetch_response(self, response: Untagged) -> None:
         context = self.fetch
-        if (context is None or not context.added) and self._known_plain_response(response):
+        passthrough = context is None or not context.substituted
+        if (
+            passthrough
+            and (context is None or not context.added)
+            and self._known_plain_response(response)
+        ):
             self._to_client(response.raw)  # nothing of ours in it, nothing to change
             return
-        if context is not None and context.unprobed and context.added == {UID_KEY}:
-            stripped = self._without_added_uid(response)
+        if passthrough and context is not None and context.unprobed and context.added == {UID_KEY}:
+            stripped = self._without_added_uid(response.raw)
             if stripped is not None:
                 self._to_client(stripped)
                 return
@@ -1228,6 +1349,8 @@ class ImapSession:
         # plain message from an encrypted one: the view is always right.
         known = uid is not None and uid in self._plain_uids()
         plain = known or (ours and not _needs_view(items, self.probes))
+        if ours and context is not None and any(i.key in context.substituted for i in items):
+            plain = False  # a stand-in, not the message: only a view can answer
         if plain and not known and uid is not None and self.selected is not None:
             key = ViewKey(self.account.name, self.selected.mailbox, self.selected.uidvalidity, uid)
             self.proxy.cache.mark_plain(key)
@@ -1236,14 +1359,14 @@ class ImapSession:
         else:
             await self._serve_view(sequence, items, added, context)
 
-    def _without_added_uid(self, response: Untagged) -> bytes | None:
+    def _without_added_uid(self, raw: bytes) -> bytes | None:
         """A known-plain response minus the UID the relay added, cut out of the bytes
         when the provider put it first (as Dovecot does); None: take the long way."""
-        match = _LEADING_UID.match(response.raw)
+        match = _LEADING_UID.match(raw)
         if match is None or int(match[3]) not in self._plain_uids():
             return None
         self._learn_uid(int(match[1]), int(match[3]))
-        return response.raw[: match.start(2)] + response.raw[match.end(2) :]
+        return raw[: match.start(2)] + raw[match.end(2) :]
 
     def _known_plain_response(self, response: Untagged) -> bool:
         """Is this response about a message known to be plain? By its UID item, else by
@@ -1289,6 +1412,7 @@ class ImapSession:
         if uid is None:  # a FETCH sent without probes carries no UID unless asked
             uid = self._uid_at(sequence)
         served: list[tuple[bytes, Token | bytes]]
+        self._write_collected()  # building a view may take a while: send what is ready
         try:
             view = await self._view(uid, _whole_message(items))
             served = _view_items(view, items, added, context)
@@ -1382,8 +1506,38 @@ _LEADING_UID = re.compile(
     rb'(?:FLAGS \([^()"{]*\) |RFC822\.SIZE \d+ |INTERNALDATE "[^"]*" |MODSEQ \(\d+\) )*'
     rb"(UID (\d+) )(?=[A-Za-z])"
 )
+# `* 12 FETCH (FLAGS (\Seen) UID 7 ...`: the UID when only simple items precede it
+_HEAD_UID = re.compile(
+    rb"\* \d+ FETCH \("
+    rb'(?:FLAGS \([^()"{]*\) |RFC822\.SIZE \d+ |INTERNALDATE "[^"]*" |MODSEQ \(\d+\) )*'
+    rb"UID (\d+)[ )]"
+)
 # An Unparsed event that is a FETCH response (see _on_unparsed)
 _FETCH_HEAD = re.compile(rb"\* +\d+ +FETCH\b", re.I)
+
+
+def _stand_ins(
+    tokens: list[Token], requested: list[FetchItem]
+) -> tuple[list[Token], dict[ItemKey, FetchItem]] | None:
+    """`tokens` (the client's items first, in order, as _upstream_fetch_items gives them)
+    with BODY[], BODY.PEEK[] and RFC822 as BODY[]<0.1> (.PEEK kept; RFC822 sets \\Seen
+    as BODY[] does), and what each stand-in's response key stands for. None when there
+    is none, or when a response item could not be told apart: two stand-ins, or a
+    partial of the client's own with the same response name (BODY[]<0>)."""
+    out = list(tokens)
+    substituted: dict[ItemKey, FetchItem] = {}
+    for index, item in enumerate(requested):
+        if item_key(item) not in _WHOLE_MESSAGE_KEYS:
+            continue
+        stand_in = FetchItem("BODY", Section(), (0, 1), peek=item.peek)
+        key = item_key(stand_in)
+        if key in substituted:
+            return None
+        substituted[key] = item
+        out[index] = Atom(stand_in.request_bytes())
+    if not substituted or any(item_key(item) in substituted for item in requested):
+        return None
+    return out, substituted
 
 
 def _response_items(response: Untagged) -> tuple[int, list[_ResponseItem]] | None:
@@ -1524,12 +1678,15 @@ def _view_items(
         if not entry.content_derived:
             served.append((entry.name, entry.value))
             continue
-        item = _requested_item(entry, context)
+        name, item = entry.name, _requested_item(entry, context)
+        if context is not None and entry.key in context.substituted:
+            item = context.substituted[entry.key]  # named as the client asked, whole
+            name = item.response_name()
         value = view_value(view, item) if item is not None else None
         if value is None:
             log.warning("cannot compute FETCH item %r from a view; left out", entry.name)
             continue
-        served.append((entry.name, value))
+        served.append((name, value))
     return served
 
 

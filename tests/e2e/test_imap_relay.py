@@ -643,3 +643,81 @@ def _normal(value: Token) -> Any:
     if isinstance(value, PList):
         return tuple(_normal(item) for item in value.items)
     return value
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def test_known_plain_fetch_is_byte_identical_to_dovecot(
+    relay: ProxyThread, clean_provider: Provider
+):
+    """The second FETCH of known plain messages is framed, never tokenized, and
+    forwarded in one write per read: the bytes must still be Dovecot's."""
+    for index in range(3):
+        clean_provider.append("alice", PLAIN.replace(b"plain-1", b"plain-%d" % index))
+    raw = RawImap.to_relay(relay).login(clean_provider)
+    direct = RawImap.to_dovecot(clean_provider).login(clean_provider)
+    command = b"FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE BODY.PEEK[])"
+    try:
+        answers = []
+        for conn in (raw, raw, direct):  # the relay's second time is the fast path
+            conn.ok(b"EXAMINE INBOX")
+            answers.append([r[b"RAW"] for r in conn.fetch(command)])
+        assert answers[0] == answers[1] == answers[2]
+        assert len(relay.proxy.cache.plain_uids("alice", b"INBOX", _uidvalidity(raw))) == 3
+    finally:
+        raw.close()
+        direct.close()
+
+
+def _uidvalidity(raw: RawImap) -> int:
+    events = raw.ok(b"EXAMINE INBOX")
+    for event in events:
+        code = event.code if isinstance(event, Untagged) else None
+        if code is not None and code.name == b"UIDVALIDITY":
+            value = code.args[0]
+            assert isinstance(value, Number)
+            return value.value
+    raise AssertionError("no UIDVALIDITY")
+
+
+def test_cached_view_is_served_from_a_one_octet_stand_in(
+    relay: ProxyThread,
+    clean_provider: Provider,
+    transformer: Transformed,
+    caplog: pytest.LogCaptureFixture,
+):
+    clean_provider.append("alice", ENCRYPTED)
+    served = _fetch_via_relay(relay, clean_provider, b"INBOX", b"(BODY.PEEK[])")
+    assert data(served[b"BODY[]"]) == CLEARTEXT  # the view is cached now
+    caplog.set_level("DEBUG", logger="localproxy.imap.relay")
+    forms = {
+        b"(UID BODY.PEEK[])": b"BODY[]",
+        b"(BODY.PEEK[] BODY.PEEK[]<0.10>)": b"BODY[]",  # ambiguous: no stand-in
+        b"(RFC822.SIZE RFC822)": b"RFC822",
+    }
+    for items, name in forms.items():
+        served = _fetch_via_relay(relay, clean_provider, b"INBOX", items)
+        assert data(served[name]) == CLEARTEXT, items
+    assert data(served.get(b"RFC822", Literal(b""))) == CLEARTEXT
+    stand_ins = [r for r in caplog.records if "served from cached views" in r.getMessage()]
+    assert len(stand_ins) == 2
+    assert len(transformer.calls) == 1
+
+
+def test_non_peek_fetch_of_a_cached_view_still_sets_seen(
+    relay: ProxyThread, clean_provider: Provider, caplog: pytest.LogCaptureFixture
+):
+    clean_provider.append("alice", ENCRYPTED)
+    _fetch_via_relay(relay, clean_provider, b"INBOX", b"(BODY.PEEK[])")  # caches the view
+    caplog.set_level("DEBUG", logger="localproxy.imap.relay")
+    served = _fetch_via_relay(relay, clean_provider, b"INBOX", b"(BODY[])")
+    assert data(served[b"BODY[]"]) == CLEARTEXT
+    assert b"\\Seen" in served[b"RAW"]
+    assert b"BODY[]<0>" not in served[b"RAW"]
+    assert any("served from cached views" in r.getMessage() for r in caplog.records)
+    with clean_provider.imap("alice") as direct:
+        direct.select("INBOX", readonly=True)
+        typ, flags = direct.fetch("1", "(FLAGS)")
+        assert typ == "OK" and b"\\Seen" in flags[0]
+    assert clean_provider.stored_messages("alice") == [ENCRYPTED]
