@@ -28,6 +28,7 @@ SECURITY_MODES = ("tls", "starttls")
 TLS_VERSIONS = ("1.2", "1.3")
 ENCRYPT_POLICIES = ("always", "opportunistic", "never")
 SIGN_POLICIES = ("encrypted", "always", "never")
+METHODS = ("openpgp", "smime")
 
 # Deliberately simple: a person's typo is what we catch, not RFC 5321 corner cases.
 _ADDRESS_RE = re.compile(r"^[^@\s\"(),:;<>\[\]\\]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
@@ -98,6 +99,7 @@ class Rule:
 
     encrypt: str | None = None
     sign: str | None = None
+    method: str | None = None  # "openpgp" or "smime" only; None: OpenPGP, else S/MIME
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Policy:
     prefer_encrypt: bool | None = False  # Autocrypt prefer-encrypt=mutual
     domains: dict[str, Rule] = field(default_factory=dict)
     addresses: dict[str, Rule] = field(default_factory=dict)
+    smime_ca_file: Path | None = None  # roots for S/MIME chains; None: the system's
 
     def decide(self, recipient: str, account: Policy | None = None) -> tuple[str, str]:
         """(encrypt, sign) for a recipient: address rules beat domain rules beat defaults;
@@ -123,6 +126,16 @@ class Policy:
         encrypt = next(r.encrypt for r in rules if r is not None and r.encrypt is not None)
         sign = next(r.sign for r in rules if r is not None and r.sign is not None)
         return encrypt, sign
+
+    def method(self, recipient: str, account: Policy | None = None) -> str | None:
+        """The one method a recipient's rules demand ("openpgp", "smime"), or None
+        (OpenPGP when a key is known, else S/MIME). Same precedence as decide()."""
+        address = normalize_address(recipient)
+        domain = address.rpartition("@")[2]
+        layers = [account, self] if account else [self]
+        rules = [layer.addresses.get(address) for layer in layers]
+        rules += [layer.domains.get(domain) for layer in layers]
+        return next((r.method for r in rules if r is not None and r.method is not None), None)
 
     def setting(self, name: str, account: Policy | None = None) -> bool:
         """A yes/no setting (autocrypt, prefer_encrypt), the account's value winning."""
@@ -255,8 +268,13 @@ def _proxy(v: _Validator, t: Mapping[str, Any], p: str) -> ProxySettings:
 
 def _policy(v: _Validator, t: Mapping[str, Any], p: str, inherit: bool = False) -> Policy:
     """The global [policy] table, or an account's (whose unset keys inherit)."""
-    v.keys(t, p, {"encrypt", "sign", "autocrypt", "prefer_encrypt", "domain", "address"})
+    allowed = {"encrypt", "sign", "autocrypt", "prefer_encrypt", "domain", "address"}
+    # The trust roots are the user's, not an account's: only in the global [policy].
+    v.keys(t, p, allowed if inherit else allowed | {"smime_ca_file"})
     encrypt_default, sign_default = (None, None) if inherit else ("opportunistic", "encrypted")
+    ca_file = None if inherit else v.path(t, p, "smime_ca_file")
+    if ca_file is not None:
+        _check_ca_file(v, ca_file, f"{p}.smime_ca_file")
     domains = _rules(v, v.table(t, "domain", p), f"{p}.domain")
     addresses = _rules(v, v.table(t, "address", p), f"{p}.address")
     return Policy(
@@ -266,6 +284,7 @@ def _policy(v: _Validator, t: Mapping[str, Any], p: str, inherit: bool = False) 
         prefer_encrypt=v.boolean(t, p, "prefer_encrypt", None if inherit else False),
         domains={key.lower(): rule for key, rule in domains.items()},
         addresses={normalize_address(key): rule for key, rule in addresses.items()},
+        smime_ca_file=ca_file,
     )
 
 
@@ -276,10 +295,11 @@ def _rules(v: _Validator, t: Mapping[str, Any], p: str) -> dict[str, Rule]:
         if not isinstance(value, Mapping):
             v.problem(here, _describe(value), 'a table like { encrypt = "always" }')
             continue
-        v.keys(value, here, {"encrypt", "sign"})
+        v.keys(value, here, {"encrypt", "sign", "method"})
         rules[key] = Rule(
             encrypt=v.choice(value, here, "encrypt", ENCRYPT_POLICIES, None),
             sign=v.choice(value, here, "sign", SIGN_POLICIES, None),
+            method=v.choice(value, here, "method", METHODS, None),
         )
     return rules
 
@@ -835,7 +855,7 @@ def _toml_scalar(value: Any) -> str:
 def _policy_dict(policy: Policy) -> dict[str, Any]:
     def rules(table: dict[str, Rule]) -> dict[str, Any]:
         return {
-            k: {f: getattr(r, f) for f in ("encrypt", "sign") if getattr(r, f)}
+            k: {f: getattr(r, f) for f in ("encrypt", "sign", "method") if getattr(r, f)}
             for k, r in table.items()
         }
 
@@ -845,6 +865,8 @@ def _policy_dict(policy: Policy) -> dict[str, Any]:
     for name in ("autocrypt", "prefer_encrypt"):
         if getattr(policy, name) is not None:
             out[name] = getattr(policy, name)
+    if policy.smime_ca_file is not None:
+        out["smime_ca_file"] = str(policy.smime_ca_file)
     if policy.domains:
         out["domain"] = rules(policy.domains)
     if policy.addresses:

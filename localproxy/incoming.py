@@ -7,8 +7,16 @@ it is whole-message OpenPGP, and exactly one ``X-LocalProxy-Security``
 header saying what was done, or why it could not be. Autocrypt headers teach
 the key store about correspondents.
 
+S/MIME (RFC 8551) is handled here too: a top-level application/pkcs7-mime
+enveloped-data is opened with the account's S/MIME identities and shown like
+PGP/MIME (outer non-content headers + the decrypted entity, its signature checked
+and unwrapped); opaque signed-data is unwrapped and verified; multipart/signed
+with application/pkcs7-signature is verified and shown as it is. The signer's
+certificate of a valid signature is collected into the key store.
+
 The APPEND side encrypts copies saved to Sent and Drafts to the account's own
-key, so the provider holds only ciphertext there too.
+key (OpenPGP, else the S/MIME certificate), so the provider holds only
+ciphertext there too.
 
 Autocrypt (Level 1, "Updating Autocrypt Peer State") is learned from the whole stored
 message on the view path and, through `observe_headers`, from the header fields the
@@ -33,7 +41,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from localproxy.config import Account, Config, normalize_address
-from localproxy.crypto.errors import CryptoError
+from localproxy.crypto import smime
+from localproxy.crypto.errors import CryptoError, MalformedData, NoUsableKey
 from localproxy.crypto.openpgp import OpenPGPEngine, SignatureResult
 from localproxy.crypto.pgpmime import (
     Kind,
@@ -44,8 +53,16 @@ from localproxy.crypto.pgpmime import (
     unwrap,
 )
 from localproxy.imap.relay import MessageContext
-from localproxy.keys.store import KeyStore
-from localproxy.mime import CRLF, Entity, parse_entity, split_header_body
+from localproxy.keys.store import KeyStore, load_trust_roots
+from localproxy.mime import (
+    CRLF,
+    Entity,
+    header_field,
+    is_content_header,
+    parse_entity,
+    split_header_body,
+    to_crlf,
+)
 from localproxy.secretbox import SecretBoxError
 
 log = logging.getLogger(__name__)
@@ -72,6 +89,7 @@ class IncomingProcessor:
         self.engine = engine
         self.max_output = 2 * config.proxy.max_message_size
         self.autocrypt = config.policy.setting("autocrypt", account.policy)
+        self.smime_ca_file = config.policy.smime_ca_file
         self.on_event = on_event or (lambda kind, data: None)
         self.peers = AutocryptPeers()
         self._observed: OrderedDict[tuple[str, str, int, int], None] = OrderedDict()
@@ -87,6 +105,17 @@ class IncomingProcessor:
             # No date check here: an older message needs its (older) signing key to verify,
             # and the store never lets an older key displace a newer one.
             learn_autocrypt(self.store, stored, "autocrypt")
+        if classify(parse_entity(stored)) == Kind.SMIME:
+            result = self._unwrap_smime(stored)
+        else:
+            result = self._unwrap_openpgp(stored)
+        if self.autocrypt and result.decrypted:
+            learn_autocrypt(self.store, result.message, "autocrypt-gossip", gossip=True)
+        self._count(result)
+        status = status_value(result)
+        return add_header(result.message, STATUS_HEADER, status) if status else result.message
+
+    def _unwrap_openpgp(self, stored: bytes) -> Unwrapped:
         try:
             secret_keys, locked = self.store.own_secrets(self.account.name), None
         except SecretBoxError as exc:  # keyring entry lost: show the mail as stored, and why
@@ -96,11 +125,7 @@ class IncomingProcessor:
         )
         if locked and result.error and not result.decrypted:
             result.error = locked
-        if self.autocrypt and result.decrypted:
-            learn_autocrypt(self.store, result.message, "autocrypt-gossip", gossip=True)
-        self._count(result)
-        status = status_value(result)
-        return add_header(result.message, STATUS_HEADER, status) if status else result.message
+        return result
 
     async def observe_headers(self, header: bytes, context: MessageContext) -> None:
         """The relay's header observer: Autocrypt from the probed header fields of any
@@ -129,6 +154,68 @@ class IncomingProcessor:
         if any(s.valid for s in result.signatures):
             self.on_event("received-verified", {"kind": str(result.kind)})
 
+    # ----------------------------------------------------------------------- S/MIME
+
+    def _unwrap_smime(self, raw: bytes) -> Unwrapped:
+        """Like pgpmime.unwrap for S/MIME: never raises for bad mail, the reason is in
+        .error and .message is then the original bytes."""
+        message = parse_entity(raw)
+        kind = smime.classify(message)
+        try:
+            if kind == smime.SmimeKind.ENVELOPED:
+                return self._decrypt_smime(message)
+            if kind == smime.SmimeKind.SIGNED_OPAQUE:
+                content, result = self._verify_smime(message, raw)
+                return Unwrapped(Kind.SMIME, _view(message, content), signatures=(result,))
+            if kind == smime.SmimeKind.SIGNED_DETACHED:
+                _content, result = self._verify_smime(message, raw)
+                return Unwrapped(Kind.SMIME, raw, signatures=(result,))
+            raise MalformedData(f"S/MIME {kind} is not supported")
+        except (CryptoError, SecretBoxError) as exc:
+            return Unwrapped(Kind.SMIME, raw, error=str(exc))
+
+    def _decrypt_smime(self, message: Entity) -> Unwrapped:
+        identities = self.store.smime_identities(self.account.name)
+        if not identities:
+            raise NoUsableKey(
+                f"account {self.account.name!r} has no S/MIME identity "
+                "(`localproxy keys import-p12 FILE --account NAME`)"
+            )
+        opened = smime.decrypt(smime.decode_body(message), identities, self.max_output)
+        inner = to_crlf(opened.plaintext)
+        signatures: tuple[SignatureResult, ...] = ()
+        if smime.classify(parse_entity(inner)) in _SIGNED:
+            # Signed, then encrypted (RFC 8551 3.7): show the signed content, checked.
+            inner, result = self._verify_smime(message, inner)
+            signatures = (result,)
+        return Unwrapped(
+            Kind.SMIME,
+            _view(message, inner),
+            decrypted=True,
+            decrypted_with=smime.fingerprint(opened.recipient),
+            signatures=signatures,
+        )
+
+    def _verify_smime(self, outer: Entity, signed: bytes) -> tuple[bytes, SignatureResult]:
+        """(signed content, result) of a signed entity; the signer must be From (of the
+        outer message: S/MIME leaves the headers outside). A valid signer's certificate
+        is collected (RFC 8551 2.7.1)."""
+        sender = _from_address(outer) or ""  # "": no From, so no certificate can match
+        known = [c.cert for c in self.store.x509_certs(sender)] if sender else []
+        roots = load_trust_roots(self.smime_ca_file)
+        content, result = smime.verify_entity(
+            signed, roots, address=sender, known_certs=known, max_output=self.max_output
+        )
+        if result.valid and result.signer is not None:
+            self.store.collect_smime_cert(
+                result.signer,
+                result.signing_time,
+                result.capabilities,
+                sender,
+                result.certificates,
+            )
+        return to_crlf(content), result.signature
+
     # ----------------------------------------------------------------------- APPEND
 
     async def encrypt_for_self(self, mailbox: str, raw: bytes) -> bytes:
@@ -145,12 +232,40 @@ class IncomingProcessor:
             if stored.info.can_encrypt
         ]
         if not own:
+            identities = self.store.smime_identities(self.account.name)
+            if identities:
+                return _smime_sealed(strip_headers(raw), [i.cert for i in identities[:1]])
             raise CryptoError(
                 f"account {self.account.name!r} has no usable own key to encrypt "
                 "Sent/Drafts copies (`localproxy keys generate "
                 f"{self.account.name}`)"
             )
         return encrypt_message(strip_headers(raw), self.engine, own)
+
+
+_SIGNED = (smime.SmimeKind.SIGNED_OPAQUE, smime.SmimeKind.SIGNED_DETACHED)
+
+
+def _view(outer: Entity, inner: bytes) -> bytes:
+    """Outer transport headers + the decrypted or unwrapped entity (its content fields)."""
+    entity = parse_entity(inner)
+    fields = [h for h in outer.headers if not is_content_header(h)]
+    fields += [h for h in entity.headers if is_content_header(h)]
+    header = b"".join(h.raw if h.raw.endswith(CRLF) else h.raw.rstrip() + CRLF for h in fields)
+    return header + CRLF + entity.body
+
+
+def _smime_sealed(raw: bytes, certs: list) -> bytes:
+    """A message enveloped (AES-256-CBC) to certs: headers outside, content inside."""
+    message = parse_entity(to_crlf(raw))
+    content = [h.raw for h in message.headers if is_content_header(h)]
+    inner = b"".join(content) + CRLF + message.body
+    outer = [
+        h.raw
+        for h in message.headers
+        if not is_content_header(h) and h.name.lower() != "mime-version"
+    ]
+    return b"".join(outer) + header_field("MIME-Version", "1.0") + smime.encrypt(inner, certs)
 
 
 # --------------------------------------------------------------------------- status header
@@ -161,9 +276,12 @@ def status_value(result: Unwrapped) -> str | None:
     if result.kind == Kind.PLAIN:
         return None
     if result.error:
-        verb = "not-decrypted" if _is_encrypted(result.kind) else "not-verified"
-        return f'{verb}; reason="{_quote(result.error)}"'
+        verb = "not-decrypted" if _is_encrypted(result) else "not-verified"
+        method = "method=smime; " if result.kind == Kind.SMIME else ""
+        return f'{verb}; {method}reason="{_quote(result.error)}"'
     parts = ["decrypted" if result.decrypted else "signed"]
+    if result.kind == Kind.SMIME:
+        parts.append("method=smime")
     if result.decrypted_with:
         parts.append(f"key={result.decrypted_with}")
     parts += _signature_parts(result.signatures)
@@ -172,8 +290,11 @@ def status_value(result: Unwrapped) -> str | None:
     return "; ".join(parts)
 
 
-def _is_encrypted(kind: Kind) -> bool:
-    return kind in (Kind.PGP_ENCRYPTED, Kind.INLINE_ENCRYPTED, Kind.SMIME)
+def _is_encrypted(result: Unwrapped) -> bool:
+    if result.kind == Kind.SMIME:
+        # A signed S/MIME message that failed is "not-verified"; only those are signed.
+        return smime.classify(parse_entity(result.message)) not in _SIGNED
+    return result.kind in (Kind.PGP_ENCRYPTED, Kind.INLINE_ENCRYPTED)
 
 
 def _signature_parts(signatures: tuple[SignatureResult, ...]) -> list[str]:

@@ -23,13 +23,15 @@ from localproxy.config import (
     normalize_address,
     resolve_config_path,
 )
-from localproxy.crypto.errors import CryptoError
+from localproxy.crypto import smime
+from localproxy.crypto.errors import CryptoError, MalformedData
 from localproxy.crypto.openpgp import CertInfo
-from localproxy.keys.store import ImportOutcome, KeyStore, StoredCert
+from localproxy.keys.store import ImportOutcome, KeyStore, StoredCert, StoredX509
 from localproxy.secretbox import SecretBoxError
 
 ENV_KEY_PASSPHRASE = "LOCALPROXY_KEY_PASSPHRASE"
 ENV_BACKUP_PASSPHRASE = "LOCALPROXY_BACKUP_PASSPHRASE"
+ENV_P12_PASSPHRASE = "LOCALPROXY_P12_PASSPHRASE"
 EXPIRY_WARNING_DAYS = 30
 
 
@@ -61,7 +63,8 @@ def add_keys_commands(commands: argparse._SubParsersAction) -> None:
         "import",
         help="import certificates or secret keys from files",
         description="Import OpenPGP certificates (armored or binary, keyrings "
-        "with many certificates) and secret keys. Passphrase-"
+        "with many certificates) and secret keys, or S/MIME (X.509) certificates "
+        "(PEM, DER or PKCS#7 bundles). Passphrase-"
         f"protected secret keys ask for the passphrase (or "
         f"${ENV_KEY_PASSPHRASE}).",
     )
@@ -72,6 +75,17 @@ def add_keys_commands(commands: argparse._SubParsersAction) -> None:
         "(default: the account whose address the key carries)",
     )
     p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser(
+        "import-p12",
+        help="import an own S/MIME identity (PKCS#12: key and certificate)",
+        description="Import a PKCS#12 file (.p12/.pfx) as an account's S/MIME identity. "
+        f"The passphrase is asked for (or ${ENV_P12_PASSPHRASE}); the key is stored "
+        "sealed with the store key.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--account", required=True, help="account the identity belongs to")
+    p.set_defaults(handler=cmd_import_p12)
 
     p = sub.add_parser("export", help="export a certificate (or, with --secret, a secret key)")
     p.add_argument("selector", metavar="ADDRESS|FINGERPRINT")
@@ -109,15 +123,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     config = _config(args)
     with open_store(config) as store:
         certs = store.certs()
-        warning = store.store_key.warning if any(c.is_own for c in certs) else None
+        x509s = store.x509_certs()
+        own = any(c.is_own for c in certs) or any(c.is_own for c in x509s)
+        warning = store.store_key.warning if own else None
     if args.json:
-        print(json.dumps([cert_as_dict(c) for c in certs], indent=2))
+        listed = [cert_as_dict(c) for c in certs] + [x509_as_dict(c) for c in x509s]
+        print(json.dumps(listed, indent=2))
         return 0
     console = Console()
     if warning:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(_cert_table("Own keys", [c for c in certs if c.is_own]))
     console.print(_cert_table("Recipients", [c for c in certs if not c.is_own]))
+    if x509s:
+        console.print(_x509_table(x509s))
     return 0
 
 
@@ -152,17 +171,58 @@ def cmd_import(args: argparse.Namespace) -> int:
         for path in args.files:
             try:
                 data = path.read_bytes()
-                outcomes = store.import_keys(
-                    data,
-                    f"import:{path.name}",
-                    _key_passphrase,
-                    lambda info: _owner(config, info, args.account),
-                )
+                outcomes = _import_file(store, config, data, path, args.account)
             except (OSError, CryptoError) as exc:
                 console.print(f"[red]{escape(str(path))}: {escape(_reason(exc))}[/]")
                 failed = True
                 continue
             failed |= _report_import(console, path, outcomes)
+    return 1 if failed else 0
+
+
+def _import_file(
+    store: KeyStore, config: Config, data: bytes, path: Path, account: str | None
+) -> list[ImportOutcome]:
+    """OpenPGP first; data that holds no OpenPGP at all is tried as X.509 certificates."""
+    try:
+        return store.import_keys(
+            data,
+            f"import:{path.name}",
+            _key_passphrase,
+            lambda info: _owner(config, info, account),
+        )
+    except CryptoError as pgp_error:
+        try:
+            return store.import_x509(data, f"import:{path.name}")
+        except MalformedData:
+            raise pgp_error from None
+
+
+def cmd_import_p12(args: argparse.Namespace) -> int:
+    config = _config(args)
+    account = _account(config, args.account)
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise KeysError(f"{args.file}: {exc.strerror}") from None
+    passphrase = _p12_passphrase(args.file)
+    try:
+        identity = smime.load_pkcs12(data, passphrase)
+    except CryptoError as exc:
+        raise KeysError(f"{args.file}: {exc}") from None
+    with open_store(config) as store:
+        outcome = store.import_identity(identity, account.name, f"p12:{args.file.name}")
+        warning = store.store_key.warning
+    console = Console()
+    failed = _report_import(console, args.file, [outcome])
+    unlisted = set(outcome.addresses) - set(account.addresses)
+    if unlisted:
+        console.print(
+            f"[yellow]warning:[/] the certificate is for {escape(', '.join(sorted(unlisted)))}, "
+            f"not an address of account {account.name!r}: mail from those is not signed with it"
+        )
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     return 1 if failed else 0
 
 
@@ -191,7 +251,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     config = _config(args)
     with open_store(config) as store:
-        stored = store.cert(args.fingerprint)
+        stored: StoredCert | StoredX509 | None = store.cert(args.fingerprint)
+        stored = stored or store.x509_cert(args.fingerprint)
         if stored is None:
             raise KeysError(f"no certificate with fingerprint {args.fingerprint}")
         if stored.is_own and not args.yes:
@@ -264,6 +325,62 @@ def cert_as_dict(stored: StoredCert) -> dict[str, Any]:
     }
 
 
+def x509_as_dict(stored: StoredX509) -> dict[str, Any]:
+    info = stored.info
+    return {
+        "kind": "x509",
+        "fingerprint": info.fingerprint,
+        "addresses": list(info.emails),
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "serial": info.serial,
+        "algorithm": info.algorithm,
+        "not_before": info.not_before.isoformat(),
+        "expires": info.not_after.isoformat(),
+        "can_encrypt": info.can_encrypt,
+        "can_sign": info.can_sign,
+        "status": x509_status(info),
+        "own": stored.is_own,
+        "account": stored.account,
+        "source": stored.source,
+        "signing_time": stored.signing_time.isoformat() if stored.signing_time else None,
+        "capabilities": list(info.capabilities),
+        "added": stored.added.isoformat(),
+        "updated": stored.updated.isoformat(),
+    }
+
+
+def x509_status(info: smime.SmimeCertInfo) -> str:
+    """Usage and dates only: trust (the chain to a root) is judged when it is used."""
+    now = datetime.now(UTC)
+    if info.not_after <= now:
+        return "expired"
+    if info.not_before > now:
+        return "not yet valid"
+    if not info.can_encrypt:
+        return "signing only"
+    return "usable"
+
+
+def _x509_table(certs: Sequence[StoredX509]) -> Table:
+    table = Table(title=f"S/MIME certificates ({len(certs)})", title_justify="left")
+    for column in ("Subject / Issuer", "Addresses", "Valid", "Status", "Source"):
+        table.add_column(column, overflow="fold")
+    for stored in certs:
+        info = stored.info
+        status = x509_status(info)
+        colour = "green" if status == "usable" else "red"
+        source = stored.source + (f"\naccount {stored.account}" if stored.account else "")
+        table.add_row(
+            escape(f"{info.subject}\nissuer: {info.issuer}\n{_spaced(info.fingerprint)}"),
+            escape("\n".join(info.emails) or "-"),
+            f"{info.not_before:%Y-%m-%d} to\n{_expiry(info.not_after)}",
+            f"[{colour}]{status}[/]",
+            escape(source),
+        )
+    return table
+
+
 def cert_status(info: CertInfo) -> str:
     if info.revoked:
         return "revoked"
@@ -309,7 +426,7 @@ def _expiry(expires: datetime | None) -> str:
 def _report_import(console: Console, path: Path, outcomes: list[ImportOutcome]) -> bool:
     """Print one line per item; True when something was skipped."""
     if not outcomes:
-        console.print(f"[red]{escape(str(path))}: no OpenPGP certificate in this file[/]")
+        console.print(f"[red]{escape(str(path))}: no certificate in this file[/]")
         return True
     colours = {"added": "green", "updated": "green", "unchanged": "default", "skipped": "red"}
     for o in outcomes:
@@ -352,6 +469,15 @@ def _key_passphrase(info: CertInfo) -> str | None:
     if not sys.stdin.isatty():
         return None
     return getpass.getpass(f"Passphrase for secret key {info.fingerprint}: ")
+
+
+def _p12_passphrase(path: Path) -> str | None:
+    """The PKCS#12 passphrase; None (no passphrase) without a terminal or variable."""
+    if (value := os.environ.get(ENV_P12_PASSPHRASE)) is not None:
+        return value
+    if not sys.stdin.isatty():
+        return None
+    return getpass.getpass(f"Passphrase for {path}: ")
 
 
 def _passphrase(env: str, prompt: str) -> str:

@@ -6,22 +6,36 @@ every e-mail address in their valid user IDs (domain lowercased, local part
 exact). Validity (expiry, revocation, usable subkeys) is judged at query
 time, so a key that expired since import is never used. Own secret keys are
 sealed with the store key (see secretbox.py) and never touch the disk in clear.
+
+S/MIME certificates live in the same tables with kind 'x509' (fingerprint: SHA-256
+of the DER, data: the DER), indexed by their e-mail addresses; the OpenPGP queries
+never see them. Their chain and, for certificates collected from signed mail, the
+signing time are in x509_meta. Trust (chain to a root, validity, key usage) is
+judged at query time too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import sqlite3
+import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from localproxy.config import normalize_address
-from localproxy.crypto.errors import BadPassphrase, CryptoError
+from localproxy.crypto import smime
+from localproxy.crypto.errors import BadPassphrase, CryptoError, MalformedData
 from localproxy.crypto.openpgp import CertInfo, OpenPGPEngine, default_engine
 from localproxy.secretbox import (
     SecretBox,
@@ -54,9 +68,24 @@ CREATE TABLE IF NOT EXISTS own_keys (
     account     TEXT NOT NULL,
     sealed      BLOB NOT NULL               -- SecretBox(store key): unlocked secret key
 );
+CREATE TABLE IF NOT EXISTS x509_meta (     -- only for certs of kind 'x509'
+    fingerprint  TEXT PRIMARY KEY REFERENCES certs(fingerprint) ON DELETE CASCADE,
+    chain        BLOB NOT NULL DEFAULT x'', -- DER intermediates that came with it, concatenated
+    signing_time TEXT,                      -- collected certs: signingTime of that message
+    capabilities TEXT NOT NULL DEFAULT ''   -- SMIMECapabilities names, space-separated
+);
 """
 
+log = logging.getLogger(__name__)
 PassphrasePrompt = Callable[[CertInfo], str | None]
+COLLECTED = "collected"  # source of S/MIME certificates learned from signed mail
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+# Debian/Ubuntu, Fedora/RHEL, Alpine/Arch (same as Debian), macOS with Homebrew OpenSSL.
+_SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+)
 # Certificates whose key names (fingerprints) are remembered; past this the memory starts over.
 MAX_NAME_CACHE = 10_000
 
@@ -72,6 +101,28 @@ class StoredCert:
     added: datetime
     updated: datetime
     account: str | None  # set for the accounts' own keys
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def is_own(self) -> bool:
+        return self.account is not None
+
+
+@dataclass(frozen=True)
+class StoredX509:
+    """An S/MIME certificate in the store; validity and trust are judged at query time."""
+
+    cert: x509.Certificate
+    info: smime.SmimeCertInfo
+    chain: tuple[x509.Certificate, ...]  # intermediates that came with it
+    source: str  # import:FILE, p12:FILE, collected
+    added: datetime
+    updated: datetime
+    account: str | None  # set for the accounts' own identities
+    signing_time: datetime | None  # collected: the signingTime of the message it came in
 
     @property
     def fingerprint(self) -> str:
@@ -186,14 +237,16 @@ class KeyStore:
     def certs(self) -> list[StoredCert]:
         rows = self._rows(
             "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
-            "LEFT JOIN own_keys o USING (fingerprint) ORDER BY o.account IS NULL, c.added"
+            "LEFT JOIN own_keys o USING (fingerprint) WHERE c.kind = 'openpgp' "
+            "ORDER BY o.account IS NULL, c.added"
         )
         return [self._stored(*row) for row in rows]
 
     def cert(self, fingerprint: str) -> StoredCert | None:
         rows = self._rows(
             "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
-            "LEFT JOIN own_keys o USING (fingerprint) WHERE c.fingerprint = ?",
+            "LEFT JOIN own_keys o USING (fingerprint) WHERE c.fingerprint = ? "
+            "AND c.kind = 'openpgp'",
             (fingerprint.upper().replace(" ", ""),),
         )
         return self._stored(*rows[0]) if rows else None
@@ -203,7 +256,8 @@ class KeyStore:
         rows = self._rows(
             "SELECT c.data, c.source, c.added, c.updated, o.account FROM certs c "
             "JOIN cert_addresses a USING (fingerprint) "
-            "LEFT JOIN own_keys o USING (fingerprint) WHERE a.address = ?",
+            "LEFT JOIN own_keys o USING (fingerprint) WHERE a.address = ? "
+            "AND c.kind = 'openpgp'",
             (normalize_address(address),),
         )
         found = [self._stored(*row) for row in rows]
@@ -227,7 +281,7 @@ class KeyStore:
         found = []
         for (data,) in self._rows(
             "SELECT c.data FROM certs c LEFT JOIN own_keys o USING (fingerprint) "
-            "ORDER BY o.account IS NULL, c.added"
+            "WHERE c.kind = 'openpgp' ORDER BY o.account IS NULL, c.added"
         ):
             names, parsed = self._key_names(data)
             if any(n in wanted or n[-16:] in wanted for n in names):
@@ -250,18 +304,23 @@ class KeyStore:
         """The account's secret keys, unsealed, without parsing them (for decryption,
         which judges the keys itself)."""
         box = self._box()
-        rows = self._rows("SELECT fingerprint, sealed FROM own_keys WHERE account = ?", (account,))
+        rows = self._rows(
+            "SELECT o.fingerprint, o.sealed FROM own_keys o JOIN certs c USING (fingerprint) "
+            "WHERE o.account = ? AND c.kind = 'openpgp'",
+            (account,),
+        )
         return [box.open(sealed, f"own-key:{fpr}".encode()) for fpr, sealed in rows]
 
     def own_keys(self, account: str | None = None) -> list[tuple[StoredCert, bytes]]:
         """The accounts' secret keys, unsealed for in-memory use."""
         query = (
             "SELECT c.data, c.source, c.added, c.updated, o.account, o.sealed, "
-            "o.fingerprint FROM own_keys o JOIN certs c USING (fingerprint)"
+            "o.fingerprint FROM own_keys o JOIN certs c USING (fingerprint) "
+            "WHERE c.kind = 'openpgp'"
         )
         args: tuple[str, ...] = ()
         if account is not None:
-            query += " WHERE o.account = ?"
+            query += " AND o.account = ?"
             args = (account,)
         box = self._box()
         result = []
@@ -409,6 +468,174 @@ class KeyStore:
             )
         return cursor.rowcount > 0
 
+    # ----------------------------------------------------------------------- S/MIME (X.509)
+
+    def x509_certs(self, address: str | None = None) -> list[StoredX509]:
+        """S/MIME certificates (own first), or those for one address, newest first."""
+        query = (
+            "SELECT c.data, c.source, c.added, c.updated, o.account, m.chain, m.signing_time, "
+            "m.capabilities FROM certs c LEFT JOIN x509_meta m USING (fingerprint) "
+            "LEFT JOIN own_keys o USING (fingerprint) WHERE c.kind = 'x509'"
+        )
+        args: tuple[str, ...] = ()
+        if address is not None:
+            query += (
+                " AND c.fingerprint IN (SELECT fingerprint FROM cert_addresses WHERE address = ?)"
+            )
+            args = (normalize_address(address),)
+        found = [_stored_x509(*row) for row in self._rows(query, args)]
+        found.sort(key=lambda c: c.info.not_before, reverse=True)
+        return sorted(found, key=lambda c: c.account is None)
+
+    def x509_cert(self, fingerprint: str) -> StoredX509 | None:
+        wanted = fingerprint.upper().replace(" ", "").replace(":", "")
+        return next((c for c in self.x509_certs() if c.fingerprint == wanted), None)
+
+    def smime_cert(
+        self,
+        address: str,
+        trust_roots: Sequence[x509.Certificate],
+        at: datetime | None = None,
+    ) -> StoredX509 | None:
+        """The certificate to encrypt to this address now: valid for encryption, for this
+        address, chaining to a trusted root. Imported ones win over collected ones (a
+        signed mail from a stranger must not displace the user's choice), then newest."""
+        candidates = sorted(self.x509_certs(address), key=lambda c: c.source == COLLECTED)
+        for stored in candidates:
+            try:
+                smime.validate(stored.cert, trust_roots, stored.chain, address, "encrypt", at)
+            except CryptoError as exc:
+                log.debug("S/MIME certificate %s not usable: %s", stored.fingerprint, exc)
+                continue
+            return stored
+        return None
+
+    def smime_identities(self, account: str) -> list[smime.SmimeIdentity]:
+        """The account's own S/MIME identities, keys unsealed for in-memory use."""
+        box = self._box()
+        rows = self._rows(
+            "SELECT o.fingerprint, o.sealed, c.data, m.chain FROM own_keys o "
+            "JOIN certs c USING (fingerprint) LEFT JOIN x509_meta m USING (fingerprint) "
+            "WHERE o.account = ? AND c.kind = 'x509' ORDER BY c.added DESC",
+            (account,),
+        )
+        identities = []
+        for fpr, sealed, data, chain in rows:
+            key = smime.load_private_key(box.open(sealed, f"own-key:{fpr}".encode()))
+            cert = x509.load_der_x509_certificate(data)
+            identities.append(smime.SmimeIdentity(key, cert, _chain(chain)))
+        return identities
+
+    def import_x509(self, data: bytes, source: str) -> list[ImportOutcome]:
+        """Import the end-entity certificates of a PEM/DER/PKCS#7 bundle; the CA
+        certificates in it are kept as their chain. Raises MalformedData."""
+        certs = smime.parse_certificates(data)
+        cas = tuple(c for c in certs if smime.cert_info(c).is_ca)
+        leaves = [c for c in certs if c not in cas]
+        if not leaves:
+            return [
+                ImportOutcome(
+                    smime.fingerprint(c),
+                    (),
+                    "skipped",
+                    "a CA certificate: to trust it, add it to policy.smime_ca_file",
+                )
+                for c in cas
+            ]
+        return [self._import_x509_one(cert, cas, source) for cert in leaves]
+
+    def _import_x509_one(
+        self, cert: x509.Certificate, chain: tuple[x509.Certificate, ...], source: str
+    ) -> ImportOutcome:
+        info = smime.cert_info(cert)
+        existing = self.x509_cert(info.fingerprint)
+        if existing is not None:
+            return ImportOutcome(info.fingerprint, info.emails, "unchanged", "already known")
+        if problem := _x509_unusable_reason(info):
+            return ImportOutcome(info.fingerprint, info.emails, "skipped", problem)
+        self._write_x509(cert, chain, source)
+        return ImportOutcome(info.fingerprint, info.emails, "added")
+
+    def import_identity(
+        self, identity: smime.SmimeIdentity, account: str, source: str
+    ) -> ImportOutcome:
+        """An own S/MIME identity (from PKCS#12): the key sealed with the store key."""
+        info = smime.cert_info(identity.cert)
+        existing = self.x509_cert(info.fingerprint)
+        action = "added" if existing is None else "updated"
+        if existing is not None and existing.account == account:
+            return ImportOutcome(info.fingerprint, info.emails, "unchanged", "already known")
+        self._write_x509(identity.cert, identity.chain, source, (identity.key_der, account))
+        return ImportOutcome(info.fingerprint, info.emails, action)
+
+    def collect_smime_cert(
+        self,
+        cert: x509.Certificate,
+        signing_time: datetime | None,
+        capabilities: Sequence[str],
+        address: str,
+        chain: Sequence[x509.Certificate] = (),
+    ) -> bool:
+        """Remember the certificate of a validly signed message (RFC 8551 2.7.1): it
+        replaces the one collected for the address only when this message's signing
+        time is newer. Imported and own certificates are never replaced. True when stored."""
+        address = normalize_address(address)
+        info = smime.cert_info(cert, capabilities)
+        when = signing_time or _OLDEST  # no signingTime: never newer than anything
+        known = self.x509_certs(address)
+        if address not in info.emails or any(
+            c.fingerprint == info.fingerprint and c.source != COLLECTED for c in known
+        ):
+            return False
+        collected = [c for c in known if c.source == COLLECTED]
+        if any((c.signing_time or _OLDEST) >= when for c in collected):
+            return False
+        ca_chain = tuple(c for c in chain if smime.cert_info(c).is_ca)
+        with self._transaction() as db:
+            for old in collected:
+                db.execute("DELETE FROM certs WHERE fingerprint = ?", (old.fingerprint,))
+        self._write_x509(cert, ca_chain, COLLECTED, signing_time=signing_time, caps=capabilities)
+        return True
+
+    def _write_x509(
+        self,
+        cert: x509.Certificate,
+        chain: Sequence[x509.Certificate],
+        source: str,
+        own: tuple[bytes, str] | None = None,
+        signing_time: datetime | None = None,
+        caps: Sequence[str] = (),
+    ) -> None:
+        fpr = smime.fingerprint(cert)
+        sealed = self._box().seal(own[0], f"own-key:{fpr}".encode()) if own else None
+        pem_chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+        now = _now()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO certs (fingerprint, kind, data, source, added, updated) "
+                "VALUES (?, 'x509', ?, ?, ?, ?) ON CONFLICT(fingerprint) DO UPDATE SET "
+                "data = excluded.data, source = excluded.source, updated = excluded.updated",
+                (fpr, cert.public_bytes(serialization.Encoding.DER), source, now, now),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO x509_meta VALUES (?, ?, ?, ?)",
+                (
+                    fpr,
+                    pem_chain,
+                    signing_time.isoformat() if signing_time else None,
+                    " ".join(caps),
+                ),
+            )
+            db.execute("DELETE FROM cert_addresses WHERE fingerprint = ?", (fpr,))
+            db.executemany(
+                "INSERT INTO cert_addresses VALUES (?, ?)",
+                [(fpr, a) for a in smime.cert_emails(cert)],
+            )
+            if own is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO own_keys VALUES (?, ?, ?)", (fpr, own[1], sealed)
+                )
+
     # ----------------------------------------------------------------------- export, backup
 
     def export_public(self, fingerprints: list[str]) -> bytes:
@@ -486,3 +713,85 @@ def _describe_change(old: CertInfo, new: CertInfo, gained_secret: bool) -> str:
     if new.can_encrypt != old.can_encrypt:
         changes.append("encryption subkey " + ("added" if new.can_encrypt else "no longer usable"))
     return ", ".join(changes) or "new signatures or subkeys merged"
+
+
+# --------------------------------------------------------------------------- S/MIME helpers
+
+
+def _stored_x509(
+    data: bytes,
+    source: str,
+    added: str,
+    updated: str,
+    account: str | None,
+    chain: bytes | None,
+    signing_time: str | None,
+    capabilities: str | None,
+) -> StoredX509:
+    cert = x509.load_der_x509_certificate(data)
+    return StoredX509(
+        cert,
+        smime.cert_info(cert, (capabilities or "").split()),
+        _chain(chain),
+        source,
+        datetime.fromisoformat(added),
+        datetime.fromisoformat(updated),
+        account,
+        datetime.fromisoformat(signing_time) if signing_time else None,
+    )
+
+
+def _chain(pem: bytes | None) -> tuple[x509.Certificate, ...]:
+    return tuple(x509.load_pem_x509_certificates(pem)) if pem else ()
+
+
+def _x509_unusable_reason(info: smime.SmimeCertInfo) -> str | None:
+    if not info.emails:
+        return "no e-mail address in the certificate: mail could never be encrypted to it"
+    if info.not_after <= datetime.now(UTC):
+        return f"the certificate expired on {info.not_after:%Y-%m-%d}"
+    if not (info.can_encrypt or info.can_sign):
+        return "its key usage allows neither encryption nor signing"
+    return None
+
+
+def system_ca_file() -> Path | None:
+    """The system's PEM trust bundle: OpenSSL's default file, else a well-known path."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, *_SYSTEM_BUNDLES):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def load_trust_roots(ca_file: Path | None = None) -> tuple[x509.Certificate, ...]:
+    """The roots S/MIME chains must reach: ca_file, else the system bundle. Cached per
+    file version, as every message and recipient needs them."""
+    path = ca_file or system_ca_file()
+    if path is None:
+        return ()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise MalformedData(f"cannot read the S/MIME trust file {path}: {exc.strerror}") from exc
+    return _roots_of(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _roots_of(path: Path, _mtime: int, _size: int) -> tuple[x509.Certificate, ...]:
+    data = path.read_bytes()
+    roots = []
+    # One by one: a system bundle may hold a certificate cryptography cannot read,
+    # and that one must not make every other root unusable.
+    for block in data.split(b"-----END CERTIFICATE-----")[:-1]:
+        start = block.find(b"-----BEGIN CERTIFICATE-----")
+        if start < 0:
+            continue
+        try:
+            pem = block[start:] + b"-----END CERTIFICATE-----\n"
+            with warnings.catch_warnings():  # old roots with a negative serial: still roots
+                warnings.simplefilter("ignore")
+                roots.append(x509.load_pem_x509_certificate(pem))
+        except ValueError:
+            log.debug("skipped an unreadable certificate in %s", path)
+    return tuple(roots)

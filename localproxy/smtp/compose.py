@@ -4,6 +4,10 @@
   the sender's own key (so the Sent copy stays readable).
 - Bcc recipients (envelope recipients not in To/Cc) with a key: one copy each,
   so no recipient's key id is revealed to another.
+- S/MIME (RFC 8551): recipients with a valid certificate and no usable OpenPGP key
+  (or whose rule says method = "smime") get their own copies in the same way:
+  signed with the account's S/MIME identity (SHA-256), then enveloped
+  (AES-256-CBC) to them and to the sender's own certificate.
 - Recipients without a key: one plain copy (signed if policy says "always").
 - Mail the client already encrypted or signed passes through untouched.
 All copies keep the same Message-ID and headers; no copy carries a Bcc header.
@@ -17,17 +21,28 @@ import functools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
 
 from localproxy.config import Account, Policy, normalize_address
+from localproxy.crypto import smime
 from localproxy.crypto.openpgp import OpenPGPEngine
-from localproxy.crypto.pgpmime import Kind, classify, encrypt_entity, sign_entity
-from localproxy.keys.store import KeyStore
+from localproxy.crypto.pgpmime import (
+    Kind,
+    classify,
+    encrypt_entity,
+    seven_bit_entity,
+    sign_entity,
+)
+from localproxy.keys.store import KeyStore, load_trust_roots
 from localproxy.mime import (
     CRLF,
     Entity,
     Header,
     entity_with_body,
     header_field,
+    is_content_header,
     locate_body,
     parse_entity,
     parse_headers,
@@ -56,12 +71,15 @@ class Sender:
     address: str | None
     secret: bytes | None = None
     public: bytes | None = None
+    smime: smime.SmimeIdentity | None = None
 
 
 @dataclass
 class _Plan:
     main: list[tuple[str, bytes]] = field(default_factory=list)  # To/Cc with keys
     bcc: list[tuple[str, bytes]] = field(default_factory=list)
+    smime_main: list[tuple[str, x509.Certificate]] = field(default_factory=list)
+    smime_bcc: list[tuple[str, x509.Certificate]] = field(default_factory=list)
     plain: list[str] = field(default_factory=list)
     sign_encrypted: bool = False
     sign_plain: bool = False
@@ -72,7 +90,7 @@ def refusal_for_recipient(
 ) -> str | None:
     """At RCPT time: the 550 text when policy demands encryption but no key is usable."""
     encrypt, _sign = policy.decide(recipient, account.policy)
-    if encrypt != "always" or store.encryption_cert(recipient) is not None:
+    if encrypt != "always" or _recipient_key(recipient, account, policy, store) is not None:
         return None
     return (
         f"550 5.7.1 <{recipient}>: policy requires encryption to this recipient, but no "
@@ -97,7 +115,25 @@ def compose(
     plan = _plan(entity, recipients, account, policy, store)
     if sender.public is not None and policy.setting("autocrypt", account.policy):
         entity = autocrypt_entity(entity, sender, policy.setting("prefer_encrypt", account.policy))
-    return _build(entity, plan, sender, engine)
+    return _build(entity, plan, sender, engine) + _build_smime(entity, plan, sender)
+
+
+def _recipient_key(
+    recipient: str, account: Account, policy: Policy, store: KeyStore
+) -> bytes | x509.Certificate | None:
+    """The OpenPGP certificate (bytes) or S/MIME certificate to encrypt to, per the
+    recipient's method rule; without one, OpenPGP first."""
+    method = policy.method(recipient, account.policy)
+    if method != "smime":
+        stored = store.encryption_cert(recipient)
+        if stored is not None:
+            return stored.info.data
+    if method != "openpgp" and store.x509_certs(recipient):  # roots only when needed
+        roots = load_trust_roots(policy.smime_ca_file)
+        found = store.smime_cert(recipient, roots)
+        if found is not None:
+            return found.cert
+    return None
 
 
 def _plan(
@@ -107,8 +143,8 @@ def _plan(
     plan = _Plan()
     for recipient in recipients:
         encrypt, sign = policy.decide(recipient, account.policy)
-        stored = store.encryption_cert(recipient) if encrypt != "never" else None
-        if stored is None:
+        key = _recipient_key(recipient, account, policy, store) if encrypt != "never" else None
+        if key is None:
             if encrypt == "always":
                 raise PolicyRefusal(
                     f"554 5.7.1 <{recipient}>: policy requires encryption, but "
@@ -117,8 +153,11 @@ def _plan(
             plan.plain.append(recipient)
             plan.sign_plain |= sign == "always"
             continue
-        target = plan.main if normalize_address(recipient) in visible else plan.bcc
-        target.append((recipient, stored.info.data))
+        shown = normalize_address(recipient) in visible
+        if isinstance(key, x509.Certificate):
+            (plan.smime_main if shown else plan.smime_bcc).append((recipient, key))
+        else:
+            (plan.main if shown else plan.bcc).append((recipient, key))
         plan.sign_encrypted |= sign != "never"
     return plan
 
@@ -146,12 +185,61 @@ def _build(entity: Entity, plan: _Plan, sender: Sender, engine: OpenPGPEngine) -
             copies.append(
                 Copy(tuple(plan.plain), sign_entity(entity, engine, sender.secret), "signed")
             )
+        elif plan.sign_plain and sender.smime:
+            copies.append(Copy(tuple(plan.plain), smime_signed(entity, sender.smime), "signed"))
         else:
             copies.append(Copy(tuple(plan.plain), entity.raw, "plain"))
     for recipient, key in plan.bcc:
         message = encrypt_entity(entity, engine, [key, *own], signer=signer)
         copies.append(Copy((recipient,), message, "encrypted"))
     return copies
+
+
+def _build_smime(entity: Entity, plan: _Plan, sender: Sender) -> list[Copy]:
+    """One S/MIME copy for To/Cc, one per Bcc recipient (a recipient info names the
+    certificate, so a shared copy would reveal Bcc recipients)."""
+    signer = sender.smime if plan.sign_encrypted else None
+    own = [sender.smime.cert] if sender.smime else []
+    groups = [plan.smime_main] if plan.smime_main else []
+    groups += [[pair] for pair in plan.smime_bcc]
+    copies = []
+    for group in groups:
+        certs = [cert for _r, cert in group] + own
+        message = smime_encrypted(entity, certs, signer)
+        copies.append(Copy(tuple(r for r, _c in group), message, "encrypted"))
+    return copies
+
+
+def smime_encrypted(
+    entity: Entity, recipients: Sequence[x509.Certificate], signer: smime.SmimeIdentity | None
+) -> bytes:
+    """The message as application/pkcs7-mime enveloped-data, signed inside (detached,
+    multipart/signed) when a signer is given. The outer header is the client's minus
+    its content fields: the Subject stays readable, as S/MIME clients expect."""
+    inner = _content_entity(entity)
+    if signer is not None:
+        inner = smime.sign(seven_bit_entity(entity), signer.cert, signer.key, signer.chain)
+    return _outer_header(entity) + smime.encrypt(inner, recipients)
+
+
+def smime_signed(entity: Entity, signer: smime.SmimeIdentity) -> bytes:
+    """The message as S/MIME multipart/signed (SHA-256, detached)."""
+    signed = smime.sign(seven_bit_entity(entity), signer.cert, signer.key, signer.chain)
+    return _outer_header(entity) + signed
+
+
+def _content_entity(entity: Entity) -> bytes:
+    content = [h.raw for h in entity.headers if is_content_header(h)]
+    return b"".join(content) + CRLF + bytes(entity.body_view)
+
+
+def _outer_header(entity: Entity) -> bytes:
+    kept = [
+        h.raw
+        for h in entity.headers
+        if not is_content_header(h) and h.name.lower() not in ("mime-version", "bcc")
+    ]
+    return b"".join(kept) + header_field("MIME-Version", "1.0")
 
 
 # --------------------------------------------------------------------------- headers
@@ -221,15 +309,28 @@ def own_sender(entity, account: Account, store: KeyStore) -> Sender:
     address = email.utils.parseaddr(from_field.value)[1] if from_field else ""
     if not address or normalize_address(address) not in account.addresses:
         return Sender(address or None)
+    identity = own_identity(store, account.name, address)
     usable = [
         (stored, secret)
         for stored, secret in store.own_keys(account.name)
         if stored.info.can_sign and stored.info.can_encrypt
     ]
     if not usable:
-        return Sender(address)
+        return Sender(normalize_address(address), smime=identity)
     stored, secret = max(usable, key=lambda pair: pair[0].info.created)
-    return Sender(normalize_address(address), secret, stored.info.data)
+    return Sender(normalize_address(address), secret, stored.info.data, identity)
+
+
+def own_identity(store: KeyStore, account: str, address: str) -> smime.SmimeIdentity | None:
+    """The account's newest S/MIME identity that can sign and encrypt for this address
+    (a certificate for another address would fail every recipient's e-mail check)."""
+    wanted = normalize_address(address)
+    for identity in store.smime_identities(account):
+        info = smime.cert_info(identity.cert)
+        current = info.not_before <= datetime.now(UTC) < info.not_after
+        if wanted in info.emails and info.can_sign and info.can_encrypt and current:
+            return identity
+    return None
 
 
 def add_autocrypt(raw: bytes, sender: Sender, prefer_encrypt: bool) -> bytes:
