@@ -499,7 +499,7 @@ class Daemon:
             counters_today=Counters(**self.state.counters(name, datetime.now(UTC).date())),
             outbox=self._outbox_status(name),
             own_key=self._own_key(name),
-            recipients_known=sum(1 for c in self.store.certs() if not c.is_own),
+            recipients_known=self.store.count_recipients(),
             key_warning=self._store_key_warning(),
         )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import stat
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,8 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from localproxy.crypto import smime
 from localproxy.crypto.openpgp import default_engine
-from localproxy.keys.store import DB_NAME, KeyStore, load_trust_roots
+from localproxy.keys.store import DB_NAME, KeyStore, KeyStoreError, load_trust_roots
+from localproxy.secretbox import seal_with_passphrase
 from tests.crypto.test_smime import NOW, alice, bob, ca, make_user, other_ca
 from tests.test_keys_cli import config, keys, listing  # noqa: F401 (fixture)
 
@@ -174,3 +178,97 @@ def test_cli_import_p12_pem_bundle_and_list(config: Path, tmp_path: Path) -> Non
     garbage = tmp_path / "junk.txt"
     garbage.write_bytes(b"neither kind of key")
     assert keys(config, "import", str(garbage)).returncode == 1
+
+
+def test_backup_and_restore_keep_smime_identities_and_certs(tmp_path: Path) -> None:
+    carol = make_user("carol@example.com", usage="both")
+    with KeyStore(tmp_path / "data") as store:
+        store.import_identity(alice().identity, "personal", "p12:alice.p12")
+        store.import_x509(pem(bob().cert, ca().cert), "import:bob.pem")
+        store.collect_smime_cert(
+            carol.cert, NOW - timedelta(hours=2), ["aes256"], "carol@example.com"
+        )
+        pgp = store.generate("personal", ("alice@example.org",))
+        dave = ENGINE.generate_key(["Dave <dave@example.org>"])
+        store.import_keys(ENGINE.public_only(dave.data), "import:dave.asc")
+        archive = store.backup("correct horse")
+    assert alice().identity.key_der not in archive, "sealed with the passphrase"
+    with KeyStore(tmp_path / "fresh") as restored:
+        outcomes = restored.restore(archive, "correct horse")
+        assert {o.action for o in outcomes} == {"added"}, outcomes
+        assert len(outcomes) == 5
+        (identity,) = restored.smime_identities("personal")
+        assert identity.cert == alice().cert and identity.chain == (ca().cert,)
+        message = smime.encrypt(b"Content-Type: text/plain\r\n\r\nhi\r\n", [alice().cert])
+        assert smime.decrypt(message, [identity]).plaintext.endswith(b"hi\r\n")
+        rows = {c.cert: c for c in restored.x509_certs()}
+        assert rows[alice().cert].account == "personal"
+        assert rows[alice().cert].source == "p12:alice.p12"
+        assert rows[bob().cert].source == "import:bob.pem" and rows[bob().cert].chain == (
+            ca().cert,
+        )
+        collected = rows[carol.cert]
+        assert collected.source == "collected" and collected.info.capabilities == ("aes256",)
+        assert collected.signing_time == NOW - timedelta(hours=2)
+        assert {c.fingerprint for c in restored.certs()} == {pgp.fingerprint, dave.fingerprint}
+        assert len(restored.own_keys("personal")) == 1
+        assert restored.count_recipients() == 3, "bob, carol (X.509) and dave (OpenPGP)"
+        again = restored.restore(archive, "correct horse")
+        assert {o.action for o in again} == {"unchanged"}
+
+
+def test_restore_reads_version_1_archives_and_refuses_unknown(tmp_path: Path) -> None:
+    key = ENGINE.generate_key(["Alice <alice@example.org>"])
+    record = {"fingerprint": key.fingerprint, "source": "generated", "added": "2024-01-01"}
+    record |= {"data": key.data.hex(), "account": "personal", "secret": key.data.hex()}
+    old = {"format": "localproxy-keys", "version": 1, "records": [record]}
+    with KeyStore(tmp_path / "data") as store:
+        (outcome,) = store.restore(seal_with_passphrase(json.dumps(old).encode(), "pw"), "pw")
+        assert outcome.action == "added" and len(store.own_keys("personal")) == 1
+        future = seal_with_passphrase(json.dumps(old | {"version": 99}).encode(), "pw")
+        with pytest.raises(KeyStoreError, match="version 99"):
+            store.restore(future, "pw")
+
+
+def test_cli_export_x509_pem_and_pkcs12(config: Path, tmp_path: Path) -> None:  # noqa: F811
+    p12 = tmp_path / "alice.p12"
+    encryption = serialization.BestAvailableEncryption(b"sesame")
+    p12.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"alice", alice().key, alice().cert, [ca().cert], encryption
+        )
+    )
+    env = {"LOCALPROXY_P12_PASSPHRASE": "sesame"}
+    assert keys(config, "import-p12", str(p12), "--account", "personal", env=env).returncode == 0
+    bundle = tmp_path / "bob.pem"
+    bundle.write_bytes(pem(bob().cert, ca().cert))
+    assert keys(config, "import", str(bundle)).returncode == 0
+    rows = {r["addresses"][0]: r for r in listing(config)}
+    by_address = keys(config, "export", "bob@example.net")
+    assert by_address.returncode == 0, by_address.stderr
+    assert by_address.stdout.encode() == pem(bob().cert, ca().cert)
+    by_fingerprint = keys(config, "export", rows["alice@example.org"]["fingerprint"])
+    assert by_fingerprint.stdout.encode() == pem(alice().cert, ca().cert)
+    # Both kinds for one address: the OpenPGP block, then the PEM certificates.
+    assert keys(config, "generate", "personal").returncode == 0
+    both = keys(config, "export", "alice@example.org").stdout
+    assert both.index("BEGIN PGP PUBLIC KEY BLOCK") < both.index("BEGIN CERTIFICATE")
+    assert "PRIVATE KEY" not in both
+    # --secret: only for an own identity, only when confirmed, only with a passphrase.
+    fpr = rows["alice@example.org"]["fingerprint"]
+    refused = keys(config, "export", fpr, "--secret", env=env)
+    assert refused.returncode == 1 and "add --yes" in refused.stderr
+    no_pass = keys(config, "export", fpr, "--secret", "--yes", "-o", str(tmp_path / "x.p12"))
+    assert no_pass.returncode == 1 and "LOCALPROXY_P12_PASSPHRASE" in no_pass.stderr
+    not_own = keys(config, "export", rows["bob@example.net"]["fingerprint"], "--secret", "--yes")
+    assert not_own.returncode == 1 and "no own S/MIME identity" in not_own.stderr
+    out = tmp_path / "exported.p12"
+    new_env = {"LOCALPROXY_P12_PASSPHRASE": "new secret"}
+    done = keys(config, "export", fpr, "--secret", "--yes", "-o", str(out), env=new_env)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    key, cert, extra = pkcs12.load_key_and_certificates(out.read_bytes(), b"new secret")
+    assert cert == alice().cert and extra == [ca().cert]
+    assert key.private_numbers() == alice().key.private_numbers()
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates(out.read_bytes(), b"sesame")

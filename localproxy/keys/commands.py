@@ -87,9 +87,18 @@ def add_keys_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--account", required=True, help="account the identity belongs to")
     p.set_defaults(handler=cmd_import_p12)
 
-    p = sub.add_parser("export", help="export a certificate (or, with --secret, a secret key)")
+    p = sub.add_parser(
+        "export",
+        help="export a certificate (or, with --secret, a secret key)",
+        description="Export certificates: OpenPGP ones armored, S/MIME ones as PEM (with "
+        "their chain); for an address with both, the OpenPGP block comes first. With "
+        "--secret, an own OpenPGP secret key (armored) or an own S/MIME identity as "
+        f"PKCS#12, protected with a passphrase from a prompt or ${ENV_P12_PASSPHRASE}.",
+    )
     p.add_argument("selector", metavar="ADDRESS|FINGERPRINT")
-    p.add_argument("--secret", action="store_true", help="export the secret key")
+    p.add_argument(
+        "--secret", action="store_true", help="export the secret key (S/MIME: as PKCS#12)"
+    )
     p.add_argument("--yes", action="store_true", help="do not ask before exporting a secret key")
     p.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
     p.set_defaults(handler=cmd_export)
@@ -229,23 +238,33 @@ def cmd_import_p12(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     config = _config(args)
     with open_store(config) as store:
-        fingerprints = _select(store, args.selector)
+        fingerprints, x509_fingerprints = _select(store, args.selector)
         if args.secret:
-            if len(fingerprints) != 1:
+            if len(fingerprints) + len(x509_fingerprints) != 1:
                 raise KeysError("--secret exports exactly one key: give its fingerprint")
-            if not args.yes:
-                _confirm(
-                    f"Export the SECRET key {fingerprints[0]}? Anyone with the file can "
-                    "read your mail."
-                )
-            data = store.export_secret(fingerprints[0])
+            (fingerprint,) = fingerprints or x509_fingerprints
+            if fingerprints:
+                _confirm_secret(args, f"Export the SECRET key {fingerprint}?")
+                data = store.export_secret(fingerprint)
+            else:
+                if store.smime_identity(fingerprint) is None:
+                    raise KeysError(f"no own S/MIME identity with fingerprint {fingerprint}")
+                _confirm_secret(args, f"Export the SECRET S/MIME key {fingerprint} (PKCS#12)?")
+                data = store.export_pkcs12(fingerprint, _new_p12_passphrase())
         else:
-            data = store.export_public(fingerprints)
+            data = store.export_public(fingerprints) if fingerprints else b""
+            if x509_fingerprints:
+                data += store.export_x509(x509_fingerprints)
     if args.output:
         _write_private(args.output, data) if args.secret else args.output.write_bytes(data)
     else:
         sys.stdout.buffer.write(data)
     return 0
+
+
+def _confirm_secret(args: argparse.Namespace, question: str) -> None:
+    if not args.yes:
+        _confirm(f"{question} Anyone with the file can read your mail.")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -272,7 +291,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     passphrase = _new_passphrase()
     with open_store(config) as store:
         archive = store.backup(passphrase)
-        count = len(store.certs())
+        count = len(store.certs()) + len(store.x509_certs())
     _write_private(args.file, archive)
     Console().print(f"Wrote {count} keys to {args.file} (passphrase-encrypted, mode 0600).")
     return 0
@@ -452,15 +471,20 @@ def _account(config: Config, name: str) -> Account:
         raise KeysError(exc.args[0]) from None
 
 
-def _select(store: KeyStore, selector: str) -> list[str]:
+def _select(store: KeyStore, selector: str) -> tuple[list[str], list[str]]:
+    """(OpenPGP fingerprints, S/MIME certificate fingerprints) for an address or a
+    fingerprint of either kind."""
     if "@" in selector:
         found = [c.fingerprint for c in store.find(selector)]
+        x509s = [c.fingerprint for c in store.x509_certs(selector)]
     else:
         stored = store.cert(selector)
         found = [stored.fingerprint] if stored else []
-    if not found:
+        x509 = None if stored else store.x509_cert(selector)
+        x509s = [x509.fingerprint] if x509 else []
+    if not found and not x509s:
         raise KeysError(f"no certificate for {selector}")
-    return found
+    return found, x509s
 
 
 def _key_passphrase(info: CertInfo) -> str | None:
@@ -478,6 +502,20 @@ def _p12_passphrase(path: Path) -> str | None:
     if not sys.stdin.isatty():
         return None
     return getpass.getpass(f"Passphrase for {path}: ")
+
+
+def _new_p12_passphrase() -> str:
+    """The passphrase to protect an exported PKCS#12 file with; never empty."""
+    if (value := os.environ.get(ENV_P12_PASSPHRASE)) is not None:
+        if not value:
+            raise KeysError(f"{ENV_P12_PASSPHRASE} is empty")
+        return value
+    first = _passphrase(ENV_P12_PASSPHRASE, "New PKCS#12 passphrase: ")
+    if first != getpass.getpass("Repeat passphrase: "):
+        raise KeysError("the passphrases differ; nothing written")
+    if not first:
+        raise KeysError("an empty passphrase would not protect the key; nothing written")
+    return first
 
 
 def _passphrase(env: str, prompt: str) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 
 from localproxy.config import normalize_address
 from localproxy.crypto import smime
@@ -47,6 +48,7 @@ from localproxy.secretbox import (
 
 DB_NAME = "keys.sqlite"
 SCHEMA_VERSION = 1
+BACKUP_VERSION = 2  # 1: OpenPGP only; 2: with S/MIME certificates and identities
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certs (
@@ -241,6 +243,14 @@ class KeyStore:
             "ORDER BY o.account IS NULL, c.added"
         )
         return [self._stored(*row) for row in rows]
+
+    def count_recipients(self) -> int:
+        """Other people's certificates, OpenPGP and S/MIME (X.509), whatever their state."""
+        ((count,),) = self._rows(
+            "SELECT COUNT(*) FROM certs c LEFT JOIN own_keys o USING (fingerprint) "
+            "WHERE o.fingerprint IS NULL"
+        )
+        return count
 
     def cert(self, fingerprint: str) -> StoredCert | None:
         rows = self._rows(
@@ -512,12 +522,21 @@ class KeyStore:
 
     def smime_identities(self, account: str) -> list[smime.SmimeIdentity]:
         """The account's own S/MIME identities, keys unsealed for in-memory use."""
+        return self._identities("o.account = ?", account)
+
+    def smime_identity(self, fingerprint: str) -> smime.SmimeIdentity | None:
+        """The own S/MIME identity with this certificate fingerprint, key unsealed."""
+        wanted = fingerprint.upper().replace(" ", "").replace(":", "")
+        found = self._identities("o.fingerprint = ?", wanted)
+        return found[0] if found else None
+
+    def _identities(self, where: str, arg: str) -> list[smime.SmimeIdentity]:
         box = self._box()
         rows = self._rows(
             "SELECT o.fingerprint, o.sealed, c.data, m.chain FROM own_keys o "
             "JOIN certs c USING (fingerprint) LEFT JOIN x509_meta m USING (fingerprint) "
-            "WHERE o.account = ? AND c.kind = 'x509' ORDER BY c.added DESC",
-            (account,),
+            f"WHERE {where} AND c.kind = 'x509' ORDER BY c.added DESC",
+            (arg,),
         )
         identities = []
         for fpr, sealed, data, chain in rows:
@@ -653,8 +672,38 @@ class KeyStore:
                 return self.engine.armor(secret, kind="secret-key")
         raise KeyStoreError(f"no own secret key with fingerprint {fingerprint}")
 
+    def export_x509(self, fingerprints: list[str]) -> bytes:
+        """S/MIME certificates as PEM, each followed by the chain stored with it."""
+        blobs: list[bytes] = []
+        for fpr in fingerprints:
+            stored = self.x509_cert(fpr)
+            if stored is None:
+                raise KeyStoreError(f"no S/MIME certificate with fingerprint {fpr}")
+            for cert in (stored.cert, *stored.chain):
+                blob = cert.public_bytes(serialization.Encoding.PEM)
+                if blob not in blobs:
+                    blobs.append(blob)
+        return b"".join(blobs)
+
+    def export_pkcs12(self, fingerprint: str, passphrase: str) -> bytes:
+        """An own S/MIME identity (key, certificate, chain) as PKCS#12 under a passphrase."""
+        identity = self.smime_identity(fingerprint)
+        if identity is None:
+            raise KeyStoreError(f"no own S/MIME identity with fingerprint {fingerprint}")
+        if not passphrase:
+            raise KeyStoreError("an empty passphrase would not protect the PKCS#12 file")
+        emails = smime.cert_emails(identity.cert)
+        return pkcs12.serialize_key_and_certificates(
+            emails[0].encode() if emails else None,
+            identity.key,
+            identity.cert,
+            list(identity.chain) or None,
+            serialization.BestAvailableEncryption(passphrase.encode()),
+        )
+
     def backup(self, passphrase: str) -> bytes:
-        """The whole store (certificates and unsealed own keys) under a passphrase."""
+        """The whole store (certificates and unsealed own keys, OpenPGP and S/MIME) under
+        a passphrase."""
         own = {stored.fingerprint: (stored.account, secret) for stored, secret in self.own_keys()}
         records = []
         for stored in self.certs():
@@ -668,14 +717,53 @@ class KeyStore:
                 record["account"], secret = own[stored.fingerprint]
                 record["secret"] = secret.hex()
             records.append(record)
-        payload = json.dumps({"format": "localproxy-keys", "version": 1, "records": records})
+        payload = json.dumps(
+            {
+                "format": "localproxy-keys",
+                "version": BACKUP_VERSION,
+                "records": records,
+                "x509": self._x509_records(),
+            }
+        )
         return seal_with_passphrase(payload.encode(), passphrase)
 
+    def _x509_records(self) -> list[dict[str, str | None]]:
+        box = self._box() if self._rows("SELECT 1 FROM own_keys LIMIT 1") else None
+        rows = self._rows(
+            "SELECT c.fingerprint, c.data, c.source, c.added, m.chain, m.signing_time, "
+            "m.capabilities, o.account, o.sealed FROM certs c "
+            "LEFT JOIN x509_meta m USING (fingerprint) LEFT JOIN own_keys o USING (fingerprint) "
+            "WHERE c.kind = 'x509' ORDER BY o.account IS NULL, c.added"
+        )
+        records = []
+        for fpr, data, source, added, chain, signing_time, caps, account, sealed in rows:
+            record = {
+                "fingerprint": fpr,
+                "source": source,
+                "added": added,
+                "data": data.hex(),
+                "chain": (chain or b"").hex(),
+                "signing_time": signing_time,
+                "capabilities": caps or "",
+            }
+            if account is not None and box is not None:
+                record["account"] = account
+                record["secret"] = box.open(sealed, f"own-key:{fpr}".encode()).hex()
+            records.append(record)
+        return records
+
     def restore(self, archive: bytes, passphrase: str) -> list[ImportOutcome]:
-        """Merge a backup into this store (re-sealing own keys with this store's key)."""
+        """Merge a backup into this store (re-sealing own keys with this store's key).
+        Reads format version 1 (OpenPGP only) and 2 (with S/MIME)."""
         payload = json.loads(open_with_passphrase(archive, passphrase))
         if payload.get("format") != "localproxy-keys":
             raise KeyStoreError("not a localproxy key backup")
+        version = payload.get("version")
+        if version not in (1, BACKUP_VERSION):
+            raise KeyStoreError(
+                f"key backup format version {version!r} is not one this localproxy reads "
+                f"(1 to {BACKUP_VERSION})"
+            )
         outcomes = []
         for record in payload["records"]:
             data = bytes.fromhex(record.get("secret") or record["data"])
@@ -683,7 +771,35 @@ class KeyStore:
             outcomes += self.import_keys(
                 data, record["source"], account_for=lambda _info, a=account: a
             )
+        for record in payload.get("x509", []) if version >= 2 else []:
+            outcomes.append(self._restore_x509(record))
         return outcomes
+
+    def _restore_x509(self, record: dict[str, str | None]) -> ImportOutcome:
+        cert = x509.load_der_x509_certificate(bytes.fromhex(record["data"] or ""))
+        chain = _chain(bytes.fromhex(record.get("chain") or ""))
+        source = record["source"] or COLLECTED
+        info = smime.cert_info(cert)
+        if record.get("secret") and record.get("account"):
+            key = smime.load_private_key(bytes.fromhex(record["secret"] or ""))
+            identity = smime.SmimeIdentity(key, cert, chain)
+            return self.import_identity(identity, record["account"] or "", source)
+        if self.x509_cert(info.fingerprint) is not None:
+            return ImportOutcome(info.fingerprint, info.emails, "unchanged", "already known")
+        if source != COLLECTED:
+            return self._import_x509_one(cert, chain, source)
+        when = datetime.fromisoformat(record["signing_time"]) if record["signing_time"] else None
+        caps = (record.get("capabilities") or "").split()
+        # As when collected from mail: a newer collected certificate for the address wins.
+        stored = [self.collect_smime_cert(cert, when, caps, a, chain) for a in info.emails]
+        if any(stored):
+            return ImportOutcome(info.fingerprint, info.emails, "added")
+        return ImportOutcome(
+            info.fingerprint,
+            info.emails,
+            "unchanged",
+            "a certificate collected from newer mail is known",
+        )
 
 
 def _unusable_reason(info: CertInfo) -> str | None:
