@@ -22,7 +22,6 @@ import logging
 import sqlite3
 import ssl
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from localproxy.secretbox import (
     open_with_passphrase,
     seal_with_passphrase,
 )
+from localproxy.sqlite import immediate, retry_locked
 
 DB_NAME = "keys.sqlite"
 SCHEMA_VERSION = 1
@@ -143,19 +143,6 @@ class ImportOutcome:
     reason: str = ""
 
 
-def _retry_locked(setup: Callable[[], None], attempts: int = 50) -> None:
-    """Switching a new database to WAL answers "locked" at once, without waiting for the
-    busy timeout, when another process opens it at the same moment: try again."""
-    for attempt in range(attempts):
-        try:
-            setup()
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.1)
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -188,7 +175,7 @@ class KeyStore:
         )
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.execute("PRAGMA foreign_keys=ON")
-        _retry_locked(self._setup)
+        retry_locked(self._setup)
         self.path.chmod(0o600)
 
     def _setup(self) -> None:
@@ -209,14 +196,8 @@ class KeyStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front: a concurrent writer waits
         # (busy_timeout) instead of failing half-way through a merge.
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with immediate(self._db, self._lock) as db:
+            yield db
 
     def _rows(self, query: str, args: tuple[str, ...] = ()) -> list[tuple]:
         with self._lock:

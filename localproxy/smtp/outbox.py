@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from localproxy.secretbox import SecretBox, SecretBoxError
+from localproxy.sqlite import immediate, retry_locked
 
 try:
     import fcntl
@@ -308,11 +309,11 @@ class Outbox:
         path.chmod(0o600)
         db = sqlite3.connect(path, timeout=10, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=10000")
         db.execute("PRAGMA synchronous=FULL")  # WAL + NORMAL may lose the last commit
         db.execute("PRAGMA secure_delete=ON")  # delivered mail is overwritten, not freed
-        db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+        retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+        retry_locked(lambda: db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};"))
         return db
 
     def close(self) -> None:
@@ -340,13 +341,8 @@ class Outbox:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so a read-then-update cannot interleave
         # with another process's claim.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with immediate(self._db) as db:
+            yield db
 
     def _now_us(self) -> int:
         return _to_us(self.clock())
