@@ -4,6 +4,7 @@ through the IMAP proxy; mixed recipient lists, Drafts and mail for someone else.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -147,6 +148,28 @@ def test_alice_to_bob_in_smime(clean_provider, people, tmp_path):
     assert collected.signing_time is not None
     kinds = [k for k, _ in people["bob"].events]
     assert "received-decrypted" in kinds and "received-verified" in kinds
+    assert_consistent_view(clean_provider, people["bob"], view)
+
+
+def assert_consistent_view(provider: Provider, person: Person, view: bytes) -> None:
+    """What Thunderbird relies on: RFC822.SIZE is the size of what is served, chunked
+    partial fetches put it back together exactly, and section sizes match BODYSTRUCTURE."""
+    conn = imap_login(provider, person)
+    conn.select("INBOX", readonly=True)
+    uid = conn.uid("SEARCH", "ALL")[1][0].split()[-1]
+    head = fetch(conn, uid, "(UID RFC822.SIZE BODYSTRUCTURE)")[0]
+    head = head if isinstance(head, bytes) else head[0]
+    assert int(re.search(rb"RFC822.SIZE (\d+)", head).group(1)) == len(view)
+    chunks = b""
+    while len(chunks) < len(view):
+        chunks += fetch(conn, uid, f"(UID BODY.PEEK[]<{len(chunks)}.4096>)")[0][1]
+    assert chunks == view
+    first = fetch(conn, uid, "(BODY.PEEK[1])")[0][1]
+    sizes = [
+        int(n) for n in re.findall(rb'"(?:7bit|8bit|base64|quoted-printable)" (\d+)', head, re.I)
+    ]
+    assert len(first) == sizes[0]
+    conn.logout()
 
 
 def test_mixed_recipients_get_one_copy_per_method(clean_provider, people):
