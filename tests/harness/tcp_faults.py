@@ -1,0 +1,143 @@
+"""A byte-level TLS relay in front of the harness' Dovecot IMAPS that fails on cue.
+
+It accepts TCP, terminates TLS with a certificate that can be swapped between
+connections (`use_certificate`), opens implicit TLS to Dovecot's IMAPS port and
+copies bytes both ways. Everything the client sent after a completed handshake is
+kept in `received`. `cut_on`: when the client's bytes contain this marker, the relay
+forwards the bytes up to and including it (plus `cut_extra` more bytes) and then
+closes both sides, as if the provider died right there.
+
+`BackgroundLoop` runs such relays (or `SmtpFaultRelay`) on an event loop of their
+own in a thread, so a `localproxy run` subprocess can be pointed at them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from localproxy.sandbox.provider import Provider
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class ImapFaultRelay:
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.port = 0
+        self.connections = 0  # TCP connections accepted
+        self.handshakes = 0  # TLS handshakes completed
+        self.handshake_failures = 0
+        self.received = b""  # what clients sent after a completed handshake
+        self.cut_on: bytes | None = None
+        self.cut_extra = 0
+        self.cuts = 0
+        self._ctx = self._context(provider.ca.cert_file, provider.ca.key_file)
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _context(cert: Path, key: Path) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        return ctx
+
+    def use_certificate(self, cert: Path, key: Path) -> None:
+        """Serve this certificate from the next connection on."""
+        self._ctx = self._context(cert, key)
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            try:
+                await writer.start_tls(self._ctx)
+            except (OSError, ssl.SSLError):
+                self.handshake_failures += 1
+                return
+            self.handshakes += 1
+            up_reader, up_writer = await asyncio.open_connection(
+                self.provider.host,
+                self.provider.imaps_port,
+                ssl=self.provider.ssl_context(),
+                server_hostname=self.provider.hostname,
+            )
+            down = asyncio.create_task(_pipe(up_reader, writer))
+            try:
+                await self._up(reader, up_writer)
+            finally:
+                down.cancel()
+                await asyncio.gather(down, return_exceptions=True)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+
+    async def _up(self, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+        seen = b""  # this connection's client bytes
+        pending = b""  # bytes after the marker, while cutting
+        cutting = False
+        while data := await reader.read(65536):
+            self.received += data
+            start = len(seen)
+            seen += data
+            if not cutting and self.cut_on is not None and (at := seen.find(self.cut_on)) >= 0:
+                cutting = True
+                head_end = at + len(self.cut_on) - start
+                up_writer.write(data[:head_end])
+                data = data[head_end:]
+            if not cutting:
+                up_writer.write(data)
+                await up_writer.drain()
+                continue
+            pending += data
+            if len(pending) >= self.cut_extra:
+                up_writer.write(pending[: self.cut_extra])
+                with contextlib.suppress(ConnectionError):
+                    await up_writer.drain()
+                self.cuts += 1
+                return  # the provider "dies" here
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, ssl.SSLError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
