@@ -103,6 +103,12 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         help="override [proxy] log_level",
     )
     run.add_argument("--log-file", type=Path, help="also log to this file (rotated at 5 MB)")
+    run.add_argument(
+        "--log-traffic",
+        action="store_true",
+        help="log protocol lines, message content included, at DEBUG (credentials stay "
+        "redacted); for debugging only",
+    )
     run.set_defaults(handler=cmd_run)
     reload = commands.add_parser(
         "reload",
@@ -170,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config_path = resolve_config_path(args.config)
     config = load_config(config_path)
-    setup_logging(args.log_level or config.proxy.log_level, args.log_file)
+    setup_logging(args.log_level or config.proxy.log_level, args.log_file, args.log_traffic)
     try:
         return run_daemon(config_path)
     except DaemonError as exc:

@@ -121,7 +121,12 @@ class _Redact(logging.Filter):
         return True
 
 
-def setup_logging(level: str, log_file: Path | None = None) -> None:
+TRAFFIC_WARNING = (
+    "--log-traffic: protocol lines including message content are logged; credentials stay redacted"
+)
+
+
+def setup_logging(level: str, log_file: Path | None = None, log_traffic: bool = False) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,12 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
     smtpd_log = logging.getLogger("mail.log")
     smtpd_log.setLevel(logging.WARNING)  # aiosmtpd logs raw AUTH lines at DEBUG
     smtpd_log.addFilter(_known_smtpd_noise)
+    # Protocol lines only on request, whatever the level: they carry message content.
+    logging.getLogger("localproxy.traffic").setLevel(
+        logging.DEBUG if log_traffic else logging.WARNING
+    )
+    if log_traffic:
+        log.warning(TRAFFIC_WARNING)
 
 
 def _known_smtpd_noise(record: logging.LogRecord) -> bool:

@@ -99,6 +99,10 @@ from localproxy.tls import UpstreamError
 from localproxy.upstream import ImapUpstream, connect_imap
 
 log = logging.getLogger(__name__)
+# `localproxy run --log-traffic` turns this one on: protocol lines, credentials redacted.
+traffic = logging.getLogger("localproxy.traffic")
+traffic.setLevel(logging.WARNING)  # off unless asked for, whatever the root level
+TRAFFIC_CHARS = 200
 
 MiB = 1024 * 1024
 DEFAULT_MAX_LITERAL = 64 * MiB
@@ -604,6 +608,8 @@ class ImapSession:
             self.plain_writer.close()
 
     def _to_client(self, data: bytes) -> None:
+        if traffic.isEnabledFor(logging.DEBUG):
+            traffic.debug("%s S: %r", self.name, data[:TRAFFIC_CHARS])
         if self.held_output is not None:
             self.held_output.append(data)
         elif self.client_out is not None:
@@ -649,6 +655,8 @@ class ImapSession:
 
     async def _on_client_event(self, event: object) -> bool:
         """Handle one client event; False ends the session."""
+        if traffic.isEnabledFor(logging.DEBUG):
+            traffic.debug("%s C: %r", self.name, _traffic_line(event))
         match event:
             case Command():
                 await self._on_command(event)
@@ -1765,6 +1773,17 @@ def trusted_greeting(upstream: ImapUpstream) -> bytes:
 def _mailbox_key(name: bytes) -> bytes:
     """INBOX is case-insensitive (RFC 3501 5.1); every other name is exact."""
     return b"INBOX" if name.upper() == b"INBOX" else name
+
+
+def _traffic_line(event: object) -> bytes:
+    """A client event for the traffic log; credentials and SASL responses redacted."""
+    if isinstance(event, ContinuationLine):
+        return b"<SASL response redacted>"
+    if isinstance(event, Command) and event.verb in (b"LOGIN", b"AUTHENTICATE"):
+        return event.tag + b" " + event.verb + b" <redacted>"
+    if isinstance(event, Command | IdleDone):
+        return event.raw[:TRAFFIC_CHARS]
+    return f"<{type(event).__name__}>".encode()  # a rejected line may hold a password
 
 
 def _peer(peer: object) -> str:

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 _aiosmtpd_log = logging.getLogger("mail.log")
 _aiosmtpd_log.setLevel(logging.WARNING)
 _aiosmtpd_log.addFilter(lambda record: record.levelno > logging.DEBUG)
+# `localproxy run --log-traffic` turns this one on: protocol lines, SASL redacted.
+traffic = logging.getLogger("localproxy.traffic")
+traffic.setLevel(logging.WARNING)  # off unless asked for, whatever the root level
+TRAFFIC_CHARS = 200
 
 MAX_RECIPIENTS = 100
 MAX_SESSIONS = 20  # per listener
@@ -542,6 +546,7 @@ class LocalSMTP(SMTP):
         super().__init__(handler, **kwargs)
         self.sessions = sessions
         self._refused = False
+        self._in_sasl = False  # for the traffic log: the last reply was a 334
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.sessions.active += 1
@@ -568,9 +573,36 @@ class LocalSMTP(SMTP):
             self.transport.write(b"421 4.3.2 localproxy is shutting down, try again later\r\n")  # type: ignore[attr-defined]
             self.transport.close()
 
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        super()._cb_client_connected(reader, writer)
+        if traffic.isEnabledFor(logging.DEBUG):
+            readuntil = reader.readuntil  # readline() and DATA lines go through it too
+
+            async def logged(separator: bytes = b"\n") -> bytes:
+                line = await readuntil(separator)
+                traffic.debug("smtp C: %r", self._traffic_line(line))
+                return line
+
+            reader.readuntil = logged  # type: ignore[method-assign]
+
+    def _traffic_line(self, line: bytes) -> bytes:
+        """A client line for the traffic log: SASL data never, whatever the mechanism."""
+        if self._in_sasl:
+            return b"<SASL response redacted>"
+        words = line.split(None, 2)
+        if words and words[0].upper() == b"AUTH" and len(words) > 2:
+            return b"AUTH " + words[1] + b" <redacted>"
+        return line[:TRAFFIC_CHARS]
+
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = self._limit_reply(status)
+        if traffic.isEnabledFor(logging.DEBUG):
+            raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
+            self._in_sasl = raw.startswith(b"334")  # the client's next line answers SASL
+            traffic.debug("smtp S: %r", raw[:TRAFFIC_CHARS])
         await super().push(status)
 
     def _limit_reply(self, status: str) -> str:
