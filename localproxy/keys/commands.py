@@ -250,7 +250,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if store.smime_identity(fingerprint) is None:
                     raise KeysError(f"no own S/MIME identity with fingerprint {fingerprint}")
                 _confirm_secret(args, f"Export the SECRET S/MIME key {fingerprint} (PKCS#12)?")
-                data = store.export_pkcs12(fingerprint, _new_p12_passphrase())
+                data = store.export_pkcs12(
+                    fingerprint, _new_passphrase(ENV_P12_PASSPHRASE, "the key")
+                )
         else:
             data = store.export_public(fingerprints) if fingerprints else b""
             if x509_fingerprints:
@@ -504,20 +506,6 @@ def _p12_passphrase(path: Path) -> str | None:
     return getpass.getpass(f"Passphrase for {path}: ")
 
 
-def _new_p12_passphrase() -> str:
-    """The passphrase to protect an exported PKCS#12 file with; never empty."""
-    if (value := os.environ.get(ENV_P12_PASSPHRASE)) is not None:
-        if not value:
-            raise KeysError(f"{ENV_P12_PASSPHRASE} is empty")
-        return value
-    first = _passphrase(ENV_P12_PASSPHRASE, "New PKCS#12 passphrase: ")
-    if first != getpass.getpass("Repeat passphrase: "):
-        raise KeysError("the passphrases differ; nothing written")
-    if not first:
-        raise KeysError("an empty passphrase would not protect the key; nothing written")
-    return first
-
-
 def _passphrase(env: str, prompt: str) -> str:
     if (value := os.environ.get(env)) is not None:
         return value
@@ -526,16 +514,17 @@ def _passphrase(env: str, prompt: str) -> str:
     return getpass.getpass(prompt)
 
 
-def _new_passphrase() -> str:
-    if (value := os.environ.get(ENV_BACKUP_PASSPHRASE)) is not None:
+def _new_passphrase(env: str = ENV_BACKUP_PASSPHRASE, protects: str = "the backup") -> str:
+    """A passphrase to protect a new file with: from env, or asked twice; never empty."""
+    if (value := os.environ.get(env)) is not None:
         if not value:
-            raise KeysError(f"{ENV_BACKUP_PASSPHRASE} is empty")
+            raise KeysError(f"{env} is empty")
         return value
-    first = _passphrase(ENV_BACKUP_PASSPHRASE, "New backup passphrase: ")
+    first = _passphrase(env, "New passphrase: ")
     if first != getpass.getpass("Repeat passphrase: "):
         raise KeysError("the passphrases differ; nothing written")
     if not first:
-        raise KeysError("an empty passphrase would not protect the backup; nothing written")
+        raise KeysError(f"an empty passphrase would not protect {protects}; nothing written")
     return first
 
 

@@ -96,13 +96,26 @@ def start_daemon(provider: Provider, tmp_path: Path) -> Running:
     subprocess.run(
         [*base, "keys", "generate", "alice"], env=env, check=True, capture_output=True, timeout=60
     )
+    return launch(config, env, (imap_port, smtp_port))
+
+
+def launch(config: Path, env: dict[str, str], ports: tuple[int, int], *args: str) -> Running:
+    """`localproxy run` with this config, environment and (imap, smtp) ports."""
     process = subprocess.Popen(
-        [*base, "run"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        [sys.executable, "-m", "localproxy", "--config", str(config), "run", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
-    running = Running(config, env, process, imap_port, smtp_port)
-    wait_listening(smtp_port)
-    wait_listening(imap_port)
+    running = Running(config, env, process, *ports)
+    wait_listening(running.smtp_port)
+    wait_listening(running.imap_port)
     return running
+
+
+def relaunch(previous: Running) -> Running:
+    return launch(previous.config, previous.env, (previous.imap_port, previous.smtp_port))
 
 
 @pytest.fixture
@@ -303,16 +316,8 @@ def test_locked_keys_are_loud_and_never_mean_plaintext(clean_provider, tmp_path)
     running = start_daemon(clean_provider, tmp_path)
     running.stop()
     (tmp_path / "data" / "store.key").unlink()  # the keyring entry is gone
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localproxy", "--config", str(running.config), "run"],
-        env=running.env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    locked = Running(running.config, running.env, process, running.imap_port, running.smtp_port)
+    locked = relaunch(running)
     try:
-        wait_listening(locked.smtp_port)
         account = status_json(locked)["accounts"][0]
         assert "cannot be unlocked" in " ".join(status_json(locked)["warnings"])
         assert account["own_key"]["problem"] and "keys restore" in account["own_key"]["problem"]
@@ -330,16 +335,8 @@ def test_a_stale_socket_file_does_not_block_the_start(clean_provider, tmp_path):
     running.process.kill()  # SIGKILL: the socket file stays behind
     running.process.wait()
     assert sock.exists()
-    again = subprocess.Popen(
-        [sys.executable, "-m", "localproxy", "--config", str(running.config), "run"],
-        env=running.env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    restarted = Running(running.config, running.env, again, running.imap_port, running.smtp_port)
+    restarted = relaunch(running)
     try:
-        wait_listening(restarted.smtp_port)
-        assert status_json(restarted)["pid"] == again.pid
+        assert status_json(restarted)["pid"] == restarted.process.pid
     finally:
         restarted.stop()

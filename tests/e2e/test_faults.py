@@ -20,7 +20,7 @@ import pytest
 from localproxy.crypto.openpgp import default_engine
 from localproxy.sandbox.ca import make_test_ca
 from localproxy.sandbox.provider import Provider
-from tests.e2e.test_daemon import Running, free_port, status_json, wait_listening
+from tests.e2e.test_daemon import Running, free_port, launch, status_json
 from tests.harness.smtp_faults import SmtpFaultRelay
 from tests.harness.tcp_faults import BackgroundLoop, ImapFaultRelay
 
@@ -62,20 +62,6 @@ port = {up_smtp or provider.submission_port}
 security = "{smtp_security}"
 ca_file = "{provider.ca_file}"
 """)
-
-
-def launch(config: Path, env: dict[str, str], ports: tuple[int, int]) -> Running:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localproxy", "--config", str(config), "run"],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    running = Running(config, env, process, *ports)
-    wait_listening(running.smtp_port)
-    wait_listening(running.imap_port)
-    return running
 
 
 def start_daemon(

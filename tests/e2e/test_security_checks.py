@@ -21,7 +21,7 @@ from localproxy.crypto.openpgp import default_engine
 from localproxy.keys.store import KeyStore
 from localproxy.sandbox.provider import Provider
 from localproxy.secretbox import SecretBoxError
-from tests.e2e.test_daemon import Running, free_port, wait_listening, write_config
+from tests.e2e.test_daemon import Running, free_port, launch, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -37,17 +37,7 @@ def start(provider: Provider, tmp_path: Path, *extra: str) -> Running:
     subprocess.run(
         [*base, "keys", "generate", "alice"], env=env, check=True, capture_output=True, timeout=60
     )
-    process = subprocess.Popen(
-        [*base, "run", "--log-level", "debug", *extra],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    running = Running(config, env, process, imap_port, smtp_port)
-    wait_listening(smtp_port)
-    wait_listening(imap_port)
-    return running
+    return launch(config, env, (imap_port, smtp_port), "--log-level", "debug", *extra)
 
 
 @pytest.fixture
