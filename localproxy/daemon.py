@@ -3,17 +3,14 @@
 One process serves all accounts. It refuses to start twice for the same data
 dir (a lock file), names any port that is taken, reloads the config on SIGHUP
 without touching unchanged accounts, and shuts down gracefully on
-SIGTERM/SIGINT. The CLI talks to it over a Unix socket (mode 0600) with one
-JSON request and one JSON answer per line.
+SIGTERM/SIGINT. The CLI talks to it over the control endpoint (control.py: a
+Unix socket, mode 0600; loopback TCP with a token file on Windows).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import fcntl
-import hashlib
 import json
 import logging
 import logging.handlers
@@ -21,18 +18,14 @@ import os
 import re
 import secrets
 import signal
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-import platformdirs
-
-from localproxy import __version__
+from localproxy import __version__, control
 from localproxy.check import check_service
-from localproxy.config import Account, Config, load_config
+from localproxy.config import Account, load_config
 from localproxy.crypto.openpgp import default_engine
 from localproxy.imap.relay import ImapProxy
 from localproxy.incoming import IncomingProcessor
@@ -76,29 +69,6 @@ _LEVELS = {
 
 class DaemonError(Exception):
     """The daemon cannot start; str() says why and what to do."""
-
-
-# --------------------------------------------------------------------------- locations
-
-
-def runtime_dir() -> Path:
-    """Where the control socket lives: $LOCALPROXY_RUNTIME_DIR, the platform's runtime
-    dir, or a private folder in the temp dir when there is none (no XDG_RUNTIME_DIR)."""
-    if env := os.environ.get("LOCALPROXY_RUNTIME_DIR"):
-        return Path(env)
-    fallback = Path(tempfile.gettempdir()) / f"localproxy-{os.getuid()}"
-    if sys.platform.startswith("linux") and not os.environ.get("XDG_RUNTIME_DIR"):
-        return fallback  # platformdirs would warn and guess /tmp/runtime-UID
-    base = Path(platformdirs.user_runtime_dir("localproxy"))
-    if base.parent.is_dir() and os.access(base.parent, os.W_OK):
-        return base
-    return fallback
-
-
-def socket_path(config: Config) -> Path:
-    # One daemon per data dir; the hash keeps the path under the 108-byte socket limit.
-    digest = hashlib.sha256(str(config.proxy.data_dir.resolve()).encode()).hexdigest()[:12]
-    return runtime_dir() / f"{digest}.sock"
 
 
 # --------------------------------------------------------------------------- logging
@@ -192,7 +162,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock_fd: int | None = None
-        self._control: asyncio.base_events.Server | None = None
+        self._control: control.ControlServer | None = None
         self._counter_base: dict[str, dict[str, int]] = {}
 
     # ----------------------------------------------------------------------- lifecycle
@@ -227,7 +197,7 @@ class Daemon:
             self.outbox, outbox_sender(self.outbox_accounts), on_failed=self._outbox_failed
         )
         self._spawn(self.worker.run())
-        await self._start_control()
+        self._control = await control.serve(self.config, self._command)
         for account in self.config.accounts:
             self.accounts[account.name] = await self._start_account(account)
         self._spawn(self._check_loop())
@@ -329,15 +299,19 @@ class Daemon:
         for name in ("outbox", "store", "state"):
             if hasattr(self, name):
                 getattr(self, name).close()
-        with contextlib.suppress(FileNotFoundError):
-            socket_path(self.config).unlink()
         self._release_lock()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        except (NotImplementedError, AttributeError):  # Windows: no SIGHUP, no loop handlers
+            # Ctrl-C and Ctrl-Break stop it; `localproxy reload` replaces SIGHUP.
+            for name in ("SIGINT", "SIGBREAK"):
+                if (number := getattr(signal, name, None)) is not None:
+                    signal.signal(number, lambda *_: loop.call_soon_threadsafe(self.stop))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -347,21 +321,13 @@ class Daemon:
     # ----------------------------------------------------------------------- single instance
 
     def _acquire_lock(self) -> None:
-        path = socket_path(self.config).with_suffix(".lock")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
+            self._lock_fd = control.acquire_lock(self.config)
+        except control.AlreadyRunning as other:
             raise DaemonError(
                 f"localproxy is already running for {self.config.proxy.data_dir}"
                 f" (pid {other}); see `localproxy status`"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -433,33 +399,7 @@ class Daemon:
                     }
             await asyncio.sleep(CHECK_INTERVAL)
 
-    # ----------------------------------------------------------------------- control socket
-
-    async def _start_control(self) -> None:
-        path = socket_path(self.config)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # stale: the lock says no other daemon owns it
-        old_umask = os.umask(0o177)
-        try:
-            self._control = await asyncio.start_unix_server(self._on_control, path)
-        finally:
-            os.umask(old_umask)
-        path.chmod(0o600)
-
-    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = json.loads(await asyncio.wait_for(reader.readline(), 10))
-            answer = await self._command(request.get("command", ""))
-        except (json.JSONDecodeError, AttributeError, TimeoutError):
-            answer = {"ok": False, "error": "bad request"}
-        except Exception as exc:  # the CLI must get an answer, not a closed socket
-            log.exception("control command failed")
-            answer = {"ok": False, "error": f"internal error: {exc}"}
-        writer.write(json.dumps(answer).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+    # ----------------------------------------------------------------------- control endpoint
 
     async def _command(self, command: str) -> dict[str, Any]:
         if command == "status":

@@ -27,7 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, provider: Provider, imap_port: int, smtp_port: int) -> None:
+def write_config(
+    path: Path,
+    provider: Provider,
+    imap_port: int,
+    smtp_port: int,
+    *,
+    up_imap: int | None = None,
+    up_smtp: int | None = None,
+    smtp_security: str = "starttls",
+) -> None:
+    """One account, alice, on these local ports; upstream the provider's, unless a
+    fault relay's port is given."""
     path.write_text(f"""
 [proxy]
 data_dir = "{path.parent / "data"}"
@@ -41,13 +52,13 @@ imap_port = {imap_port}
 smtp_port = {smtp_port}
 [account.upstream.imap]
 host = "{provider.hostname}"
-port = {provider.imaps_port}
+port = {up_imap or provider.imaps_port}
 security = "tls"
 ca_file = "{provider.ca_file}"
 [account.upstream.smtp]
 host = "{provider.hostname}"
-port = {provider.submission_port}
-security = "starttls"
+port = {up_smtp or provider.submission_port}
+security = "{smtp_security}"
 ca_file = "{provider.ca_file}"
 """)
 
@@ -87,11 +98,11 @@ def wait_listening(port: int, timeout: float = 15) -> None:
     raise AssertionError(f"nothing listens on {port}")
 
 
-def start_daemon(provider: Provider, tmp_path: Path) -> Running:
+def start_daemon(provider: Provider, tmp_path: Path, **extra_env: str) -> Running:
     config = tmp_path / "config.toml"
     imap_port, smtp_port = free_port(), free_port()
     write_config(config, provider, imap_port, smtp_port)
-    env = {**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "run")}
+    env = {**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "run"), **extra_env}
     base = [sys.executable, "-m", "localproxy", "--config", str(config)]
     subprocess.run(
         [*base, "keys", "generate", "alice"], env=env, check=True, capture_output=True, timeout=60
@@ -222,6 +233,33 @@ def test_control_socket_is_private(daemon):
     (sock,) = run_dir.glob("*.sock")
     assert sock.stat().st_mode & 0o777 == 0o600
     assert run_dir.stat().st_mode & 0o077 == 0
+
+
+def test_the_windows_control_endpoint_tcp_with_a_token(clean_provider, tmp_path):
+    """What Windows uses (no private Unix sockets there): status, reload and the outbox
+    over loopback TCP, the token from a 0600 file; a stale file after a kill is fine."""
+    running = start_daemon(clean_provider, tmp_path, LOCALPROXY_CONTROL="tcp")
+    try:
+        run_dir = Path(running.env["LOCALPROXY_RUNTIME_DIR"])
+        assert not list(run_dir.glob("*.sock"))
+        (token_file,) = run_dir.glob("*.control")
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        send(clean_provider, running.smtp_port)
+        clean_provider.wait_for_messages("bob", 1)
+        assert status_json(running)["accounts"][0]["counters_total"]["sent_plain"] == 1
+        assert running.cli("reload").returncode == 0
+        assert running.cli("outbox", "flush").returncode == 0
+        running.process.kill()
+        running.process.wait()
+        assert token_file.exists() and running.cli("status").returncode == 3
+        restarted = relaunch(running)
+        try:
+            assert status_json(restarted)["pid"] == restarted.process.pid
+        finally:
+            restarted.stop()
+        assert not token_file.exists(), "removed on a clean shutdown"
+    finally:
+        running.stop()
 
 
 def test_not_running_is_explained(clean_provider, tmp_path):
