@@ -35,6 +35,8 @@ import hmac
 import os
 import re
 import secrets
+import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -183,6 +185,18 @@ class OpenPGPEngine(Protocol):
         """SEIPDv1 with MDC (SEIPDv2 only if every recipient asks for it), AES-256 when
         every recipient allows it, signed inside when signer is given. Revoked, expired
         or unusable recipients raise KeyRevoked, KeyExpired or NoUsableKey."""
+        ...
+
+    def encrypt_armored(
+        self,
+        parts: Sequence[bytes | memoryview],
+        recipients: Sequence[bytes],
+        signer: bytes | None = None,
+        *,
+        prefix: bytes = b"",
+    ) -> bytearray:
+        """``prefix`` + encrypt(b"".join(parts), armor=True) with CRLF line ends, in one
+        buffer: a MIME wrapper around it needs no second copy of a large message."""
         ...
 
     def decrypt(
@@ -1210,6 +1224,11 @@ class _Loaded:
     key_fingerprints: tuple[str, ...]  # primary first
     public_keys: tuple[_Key, ...]
     user_id_order: tuple[str, ...]  # as in the data given (Sequoia sorts them)
+    # Time-dependent answers (capabilities, signer) and when they go stale: a parsed
+    # key is cached (_load_public, _load_secret), and every message asks again.
+    memo: dict[str, tuple[float, object]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     @property
     def user_ids(self) -> tuple[str, ...]:
@@ -1263,12 +1282,37 @@ def _load_public(data: bytes) -> _Loaded:
     return _load_group(_packets(data, "key"))
 
 
+@functools.lru_cache(maxsize=16)
+def _load_secret(data: bytes) -> _Loaded:
+    """The accounts' own keys, parsed once (not per message to sign); the store key
+    that unseals them lives in this process anyway."""
+    return _load_group(_packets(data, "secret key"))
+
+
 def _load_all(data: bytes) -> list[_Loaded]:
     loaded = []
     for group in _split_certs(_dearmor(data)):
         secret = any(p.tag in _SECRET_TAGS for p in group)
-        loaded.append(_load_group(group) if secret else _load_public(_join(group)))
+        loaded.append((_load_secret if secret else _load_public)(_join(group)))
     return loaded
+
+
+MEMO_TTL = 60.0  # seconds; whole-certificate expiry ends a memo earlier, exactly
+
+
+def _memo(loaded: _Loaded, name: str, compute: Callable[[], _T]) -> _T:
+    """compute(), reused for MEMO_TTL but never past the certificate's expiry."""
+    now = time.monotonic()
+    known = loaded.memo.get(name)
+    if known is not None and now < known[0]:
+        return known[1]  # type: ignore[return-value]
+    value = compute()
+    deadline = now + MEMO_TTL
+    expires = _expiration(loaded.cert)
+    if expires is not None:
+        deadline = min(deadline, now + (expires - datetime.now(UTC)).total_seconds())
+    loaded.memo[name] = deadline, value
+    return value
 
 
 def _load_one(data: bytes, what: str) -> _Loaded:
@@ -1333,7 +1377,12 @@ def _unusable_because(
 
 
 def _capabilities(loaded: _Loaded) -> tuple[bool, bool]:
-    """(can encrypt, can sign) by Sequoia's own rules: bound, alive, not revoked, flags.
+    """(can encrypt, can sign) by Sequoia's own rules: bound, alive, not revoked, flags."""
+    return _memo(loaded, "capabilities", lambda: _probe_capabilities(loaded))
+
+
+def _probe_capabilities(loaded: _Loaded) -> tuple[bool, bool]:
+    """_capabilities() without the memo.
 
     pysequoia only applies those rules when choosing a secret key, so we give it the
     certificate with GnuPG "no secret here" stubs as secret keys and ask it for a
@@ -1506,6 +1555,79 @@ def _candidates(envelope: _Envelope, own: Sequence[_OwnKey]) -> list[tuple[_Pkes
     return pairs
 
 
+SPOOL_THRESHOLD = 1 << 20  # octets of plaintext from which encryption streams
+_READ_CHUNK = 1 << 20
+
+
+def _can_spool() -> bool:
+    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+def _crlf(armored: bytes) -> bytes:
+    return armored.replace(b"\n", b"\r\n")  # Sequoia armors with LF line ends only
+
+
+def _encrypt_spooled(
+    parts: Sequence[bytes | memoryview],
+    certs: list[pysequoia.Cert],
+    signing: pysequoia.PySigner | None,
+    out: bytearray,
+) -> bytearray:
+    """Encrypt through files, so that Sequoia neither gets a joined copy of the
+    plaintext nor grows its output in memory (about three times the message):
+    the plaintext goes in through an anonymous memory file, never the disk, and the
+    ciphertext comes out through a temporary file (ciphertext only), armored here
+    into ``out`` (Sequoia's own armor writes line by line: eight times slower)."""
+    plain = os.memfd_create("localproxy-plaintext", os.MFD_CLOEXEC)
+    try:
+        for part in parts:
+            _write_all(plain, part)
+        with tempfile.NamedTemporaryFile(prefix="localproxy-ciphertext-") as cipher:
+            with _sequoia("encrypting"):
+                pysequoia.encrypt_file(
+                    f"/proc/self/fd/{plain}", cipher.name, certs, signer=signing, armor=False
+                )
+            os.close(plain)  # the plaintext copy goes before the ciphertext comes in
+            plain = -1
+            _armor_into(out, cipher.fileno())
+    finally:
+        if plain >= 0:
+            os.close(plain)
+    return out
+
+
+_ARMOR_OCTETS = 48  # octets per armor line: 64 base64 characters, as Sequoia writes
+_ARMOR_CHUNK = _ARMOR_OCTETS * 21_000  # about 1 MB read at a time, whole lines
+
+
+def _armor_into(out: bytearray, fd: int) -> None:
+    """An armored PGP MESSAGE (RFC 9580 6.2, no CRC like Sequoia's) of the binary
+    data in fd, appended to out with CRLF line ends."""
+    out += b"-----BEGIN PGP MESSAGE-----\r\n\r\n"
+    pending = b""
+    while chunk := os.read(fd, _ARMOR_CHUNK):
+        pending += chunk
+        whole = len(pending) - len(pending) % _ARMOR_OCTETS
+        _armor_lines(out, pending[:whole])
+        pending = pending[whole:]
+    _armor_lines(out, pending)
+    out += b"-----END PGP MESSAGE-----\r\n"
+
+
+def _armor_lines(out: bytearray, data: bytes) -> None:
+    encoded = binascii.b2a_base64(data, newline=False)
+    width = _ARMOR_OCTETS * 4 // 3
+    for start in range(0, len(encoded), width):
+        out += encoded[start : start + width]
+        out += b"\r\n"
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class SequoiaEngine:
     """The default engine: Sequoia-PGP through pysequoia, see the module docstring."""
 
@@ -1663,6 +1785,29 @@ class SequoiaEngine:
         signer: bytes | None = None,
         armor: bool = True,
     ) -> bytes:
+        certs, signing = self._encryption_keys(recipients, signer)
+        with _sequoia("encrypting"):
+            return bytes(pysequoia.encrypt(plaintext, certs, signer=signing, armor=armor))
+
+    @_guarded
+    def encrypt_armored(
+        self,
+        parts: Sequence[bytes | memoryview],
+        recipients: Sequence[bytes],
+        signer: bytes | None = None,
+        *,
+        prefix: bytes = b"",
+    ) -> bytearray:
+        certs, signing = self._encryption_keys(recipients, signer)
+        if sum(map(len, parts)) < SPOOL_THRESHOLD or not _can_spool():
+            with _sequoia("encrypting"):
+                armored = pysequoia.encrypt(b"".join(parts), certs, signer=signing)
+            return bytearray(prefix) + _crlf(armored)
+        return _encrypt_spooled(parts, certs, signing, bytearray(prefix))
+
+    def _encryption_keys(
+        self, recipients: Sequence[bytes], signer: bytes | None
+    ) -> tuple[list[pysequoia.Cert], pysequoia.PySigner | None]:
         certs = {}
         for data in recipients:
             for loaded in _load_all(data):
@@ -1672,12 +1817,7 @@ class SequoiaEngine:
         for loaded in certs.values():
             self._check_recipient(loaded)
         signing = self._signer(signer) if signer is not None else None
-        with _sequoia("encrypting"):
-            return bytes(
-                pysequoia.encrypt(
-                    plaintext, [c.cert for c in certs.values()], signer=signing, armor=armor
-                )
-            )
+        return [c.cert for c in certs.values()], signing
 
     @staticmethod
     def _check_recipient(loaded: _Loaded) -> None:
@@ -1696,9 +1836,10 @@ class SequoiaEngine:
 
     def _signer(self, secret: bytes) -> pysequoia.PySigner:
         loaded = self._one_secret(secret)
-        assert loaded.tsk is not None
+        tsk = loaded.tsk
+        assert tsk is not None
         try:
-            return loaded.tsk.signer()
+            return _memo(loaded, "signer", tsk.signer)
         except Exception as exc:
             if _NOT_SUITABLE not in str(exc):
                 raise _converted(f"signing with {loaded.fingerprint}", exc, MalformedData) from None

@@ -123,7 +123,7 @@ def encrypt_message(
     recipients: Sequence[bytes],
     signer: bytes | None = None,
     protect_headers: bool = True,
-) -> bytes:
+) -> bytearray:
     """RFC 3156 multipart/encrypted of a whole message, signed inside when signer is given."""
     return encrypt_entity(parse_entity(to_crlf(raw)), engine, recipients, signer, protect_headers)
 
@@ -134,17 +134,16 @@ def encrypt_entity(
     recipients: Sequence[bytes],
     signer: bytes | None = None,
     protect_headers: bool = True,
-) -> bytes:
-    """encrypt_message() of a message parsed already (with CRLF line endings)."""
+) -> bytearray:
+    """encrypt_message() of a message parsed already (with CRLF line endings).
+
+    Built in one buffer around the engine's armor: a large message is then held once
+    in plaintext (the client's) and once encrypted, not in a copy per step."""
     outer_fields = [
         h for h in message.headers if not is_content_header(h) and h.name.lower() not in _STRUCTURAL
     ]
-    inner = _inner_entity(message, outer_fields, protect_headers)
-    armored = engine.encrypt(inner, recipients, signer=signer, armor=True)
-    del inner  # each of these is the size of the message: keep one at a time
-    armored = to_crlf(armored)
     boundary = _boundary()
-    return b"".join(
+    head = b"".join(
         [
             *(h.raw for h in _outer_fields(outer_fields, protect_headers)),
             header_field("MIME-Version", "1.0"),
@@ -161,26 +160,32 @@ def encrypt_entity(
             b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
             b"Content-Description: OpenPGP encrypted message\r\n",
             b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n',
-            _without_final_newlines(armored),
-            CRLF,
-            f"--{boundary}--\r\n".encode(),
         ]
     )
+    inner = _inner_entity(message, outer_fields, protect_headers)
+    built = engine.encrypt_armored(inner, recipients, signer=signer, prefix=head)
+    while built[-1:] in (b"\r", b"\n"):  # the armor's own line end: one CRLF follows
+        del built[-1:]
+    built += CRLF + f"--{boundary}--\r\n".encode()
+    return built
 
 
 def _without_final_newlines(data: bytes) -> memoryview:
-    """data.rstrip(CRLF) as a view: the armor is the size of the message, so no copy."""
+    """data.rstrip(CRLF) as a view, without a copy."""
     end = len(data)
     while end and data[end - 1] in (0x0D, 0x0A):
         end -= 1
     return memoryview(data)[:end]
 
 
-def _inner_entity(message: Entity, outer_fields: list[Header], protect: bool) -> bytes:
-    """The entity that gets encrypted: the client's content, headers copied in when protected."""
+def _inner_entity(
+    message: Entity, outer_fields: list[Header], protect: bool
+) -> list[bytes | memoryview]:
+    """The entity that gets encrypted, in pieces (the body is the client's, not a copy):
+    the client's content, headers copied in when protected."""
     content = [h for h in message.headers if is_content_header(h)]
     if not protect:
-        return b"".join([*(h.raw for h in content), CRLF, message.body_view])
+        return [*(h.raw for h in content), CRLF, message.body_view]
     ctype = message.get("Content-Type")
     marked = _with_hp_params(
         ctype.raw if ctype else b"Content-Type: text/plain; charset=us-ascii\r\n"
@@ -192,7 +197,7 @@ def _inner_entity(message: Entity, outer_fields: list[Header], protect: bool) ->
         if not h.name.lower().startswith(STATUS_HEADER_PREFIX)
     ]
     hp_outer = [b"HP-Outer: " + _ensure_crlf(h.raw) for h in _outer_fields(outer_fields, True)]
-    return b"".join([marked, *others, *copies, *hp_outer, CRLF, message.body_view])
+    return [marked, *others, *copies, *hp_outer, CRLF, message.body_view]
 
 
 def _with_hp_params(content_type_field: bytes) -> bytes:

@@ -22,6 +22,7 @@ import logging
 import sqlite3
 import ssl
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -90,6 +91,9 @@ _SYSTEM_BUNDLES = (
 )
 # Certificates whose key names (fingerprints) are remembered; past this the memory starts over.
 MAX_NAME_CACHE = 10_000
+# Seconds a parsed certificate's verdict (usable, expired) is reused. Expiry of the
+# whole certificate is exact; a subkey or binding that lapses is noticed within this.
+INFO_TTL = 60.0
 
 
 class KeyStoreError(Exception):
@@ -167,6 +171,11 @@ class KeyStore:
         # time of the query, so they can be kept; keyed by the bytes, a changed
         # certificate is simply a new entry.
         self._names: dict[bytes, tuple[frozenset[str], bytes]] = {}
+        # Stored certificate bytes -> (monotonic deadline, parsed CertInfo): every
+        # message asks for the sender's and recipients' keys, and parsing dominates.
+        # Whether a key is usable depends on the time, so an entry lasts at most
+        # INFO_TTL and never past the certificate's own expiry.
+        self._infos: dict[bytes, tuple[float, CertInfo]] = {}
         # One connection shared by the event loop and worker threads (crypto runs in
         # threads); the lock serializes statements and keeps transactions whole.
         self._lock = threading.RLock()
@@ -291,6 +300,22 @@ class KeyStore:
                 self._names[data] = known
         return known
 
+    def _info(self, data: bytes) -> CertInfo:
+        now = time.monotonic()
+        cached = self._infos.get(data)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        (info,) = self.engine.parse_certs(data)
+        deadline = now + INFO_TTL
+        if info.expires is not None:
+            left = (info.expires - datetime.now(UTC)).total_seconds()
+            deadline = min(deadline, now + max(0.0, left))
+        with self._lock:
+            if len(self._infos) >= MAX_NAME_CACHE:
+                self._infos.clear()
+            self._infos[data] = deadline, info
+        return info
+
     def own_secrets(self, account: str) -> list[bytes]:
         """The account's secret keys, unsealed, without parsing them (for decryption,
         which judges the keys itself)."""
@@ -323,7 +348,7 @@ class KeyStore:
     def _stored(
         self, data: bytes, source: str, added: str, updated: str, account: str | None
     ) -> StoredCert:
-        (info,) = self.engine.parse_certs(data)
+        info = self._info(data)
         return StoredCert(
             info, source, datetime.fromisoformat(added), datetime.fromisoformat(updated), account
         )

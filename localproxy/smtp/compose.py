@@ -60,7 +60,7 @@ class PolicyRefusal(Exception):
 @dataclass(frozen=True)
 class Copy:
     recipients: tuple[str, ...]
-    message: bytes
+    message: bytes | bytearray  # an encrypted copy is built in place (see pgpmime)
     kind: str  # "encrypted", "signed", "plain" or "passthrough"
 
 

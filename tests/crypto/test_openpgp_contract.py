@@ -216,6 +216,42 @@ def test_round_trip_signed(engine: OpenPGPEngine, alice: Party, bob: Party) -> N
     assert signature.fingerprint == alice.fpr and signature.key_id in alice.info.key_ids
 
 
+@pytest.mark.parametrize("spooled", [False, True], ids=["in-memory", "spooled"])
+def test_encrypt_armored_from_pieces(
+    engine: OpenPGPEngine,
+    alice: Party,
+    bob: Party,
+    spooled: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path,
+) -> None:
+    """Pieces in, prefix + CRLF armor out; large input goes through files, of which only
+    the ciphertext one is on disk, and none is left behind."""
+    openpgp = __import__("localproxy.crypto.openpgp", fromlist=["x"])
+    monkeypatch.setattr(openpgp, "SPOOL_THRESHOLD", 0 if spooled else 1 << 40)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    written: list[bytes] = []
+    encrypt_file = openpgp.pysequoia.encrypt_file
+
+    def watched(source: str, target: str, *args: object, **kwargs: object) -> None:
+        encrypt_file(source, target, *args, **kwargs)
+        written.extend(p.read_bytes() for p in tmp_path.iterdir())
+
+    monkeypatch.setattr(openpgp.pysequoia, "encrypt_file", watched)
+    pieces = [b"Subject: pieces\r\n", b"\r\n", memoryview(MESSAGE)[:7], memoryview(MESSAGE)[7:]]
+    built = engine.encrypt_armored(pieces, [bob.public], signer=alice.secret, prefix=b"HEAD\r\n")
+    assert isinstance(built, bytearray) and built.startswith(b"HEAD\r\n-----BEGIN PGP MESSAGE")
+    armor = bytes(built[6:])
+    assert armor.count(b"\n") == armor.count(b"\r\n"), "CRLF line ends only"
+    result = engine.decrypt(armor, [bob.secret], [alice.public])
+    assert result.plaintext == b"Subject: pieces\r\n\r\n" + MESSAGE
+    assert [s.status for s in result.signatures] == [VALID]
+    assert bool(written) == spooled
+    plain = b"from the contract tests"
+    assert all(plain not in data and data[0] & 0x80 for data in written), "ciphertext only"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_signer_still_decrypts(
     engine: OpenPGPEngine, alice: Party, bob: Party, carol: Party
 ) -> None:

@@ -583,14 +583,17 @@ def gpg_key_expiring_in_3s(home: Path, user_id: str) -> bytes:
 # --------------------------------------------------------------------------- provider faults
 
 
+@pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
 @pytest.mark.parametrize("mode", ["drop-in-data", "stall"])
 async def test_provider_fails_mid_data_client_gets_4xx_and_nothing_leaks(
-    clean_provider, tmp_path, mode
+    clean_provider, tmp_path, mode, chunking
 ):
     """Outcome: the client gets 451 (it keeps the message and retries), nothing is
     stored, nothing is queued, no plaintext went towards the provider for bob (policy
-    always), and the proxy serves the next session."""
+    always), and the proxy serves the next session; with DATA, and with BDAT when the
+    provider offers CHUNKING."""
     relay = SmtpFaultRelay(clean_provider)
+    relay.chunking = chunking
     await relay.start()
     upstream = {"port": relay.port, "security": "tls", "timeout": 1.5}
     rig = await start_rig(clean_provider, tmp_path, policy=BOB_ALWAYS, upstream=upstream)
@@ -602,6 +605,7 @@ async def test_provider_fails_mid_data_client_gets_4xx_and_nothing_leaks(
         elapsed = time.monotonic() - started
         assert failed.value.smtp_code == 451 and failed.value.smtp_error.startswith(b"4.4.2")
         assert relay.faults == 1 and elapsed < 10
+        assert (b"BDAT" in relay.verbs, b"DATA" in relay.verbs) == (chunking, not chunking)
         assert relay.data_seen and all(SECRET not in data for data in relay.data_seen)
         assert rig.outbox.stats()[:2] == (0, 0)
         await assert_nothing_delivered(clean_provider, "bob", "carol")
@@ -612,6 +616,28 @@ async def test_provider_fails_mid_data_client_gets_4xx_and_nothing_leaks(
         await relay.close()
     (_sentinel, again) = await stored(clean_provider, "bob", 2)
     assert SECRET in decrypt(again).plaintext
+
+
+async def test_provider_dies_during_auth_client_gets_a_temporary_454(clean_provider, tmp_path):
+    """A dropped connection says nothing about the password: 454 (try again later),
+    never 535 or another 5xx that makes a client ask for the password again."""
+    relay = SmtpFaultRelay(clean_provider)
+    await relay.start()
+    upstream = {"port": relay.port, "security": "tls", "timeout": 1.5}
+    rig = await start_rig(clean_provider, tmp_path, upstream=upstream)
+    relay.fail_after, relay.mode = 0, "drop-at-auth"
+    try:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            await asyncio.to_thread(rig.client)
+        assert relay.faults >= 1  # smtplib tries PLAIN, then LOGIN
+        assert failed.value.smtp_code == 454, failed.value
+        assert failed.value.smtp_error.startswith(b"4.7.0 localproxy: "), failed.value
+        relay.fail_after = None
+        await asyncio.to_thread(rig.send, mail(), ["carol@example.org"])
+    finally:
+        await rig.close()
+        await relay.close()
+    assert len(await stored(clean_provider, "carol")) == 1
 
 
 # --------------------------------------------------------------------------- credentials

@@ -397,6 +397,30 @@ async def test_authentication_is_the_providers_verdict(rig):
     assert await asyncio.to_thread(unauthenticated_mail) == 530, "never an open relay"
 
 
+POSTFIX_SAYS = b"Invalid authentication mechanism"
+
+
+async def test_a_long_oauth_token_reaches_the_provider(rig):
+    """Real OAuth bearer tokens run to a few KB: both as an initial response (RFC 4954
+    allows 12288 octets on the AUTH line) and after a 334, the provider decides (the
+    harness' provider offers no XOAUTH2), not a local line limit."""
+    token = "ya29." + "x" * 3000  # 4 KB once in base64
+    blob = base64.b64encode(f"user=alice@example.org\x01auth=Bearer {token}\x01\x01".encode())
+
+    def attempts() -> list[tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", rig.proxy.port, timeout=30) as smtp:
+            smtp.ehlo()
+            initial = smtp.docmd("AUTH", "XOAUTH2 " + blob.decode())
+            challenge = smtp.docmd("AUTH", "XOAUTH2")
+            answer = smtp.docmd(blob.decode())
+            return [initial, challenge, answer]
+
+    initial, challenge, answer = await asyncio.to_thread(attempts)
+    assert challenge[0] == 334
+    for code, text in (initial, answer):
+        assert (code, text) == (535, b"5.7.8 Error: authentication failed: " + POSTFIX_SAYS)
+
+
 async def test_provider_rejections_keep_their_codes(rig):
     def dialogue() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
         with rig.client() as smtp:
