@@ -4,7 +4,8 @@
     scripts/fuzz SECONDS [TARGET]      # every target gets an equal share of SECONDS
     scripts/fuzz --replay FILE...      # run saved inputs through their target again
 
-Targets: imap-client, imap-server, fetch, mime, openpgp, cms, config, smtp-compose.
+Targets: imap-client, imap-server, fetch, mime, openpgp, cms, config, smtp-data,
+smtp-compose.
 Each target runs in its own child process under atheris (libFuzzer: ``-timeout`` per
 input, ``-rss_limit_mb=2048``); without atheris, a hypothesis-driven random loop with a
 SIGALRM per input does the same job for the same time. An exception a target expects
@@ -49,6 +50,7 @@ TARGETS = (
     "openpgp",
     "cms",
     "config",
+    "smtp-data",
     "smtp-compose",
 )
 
@@ -204,11 +206,13 @@ def _fetch() -> Target:
             item.request_bytes()
             item.response_name()
             _ = item.content_derived, item.sets_seen
-        request.sequence_set.resolve(1000)
+        if not request.sequence_set.saved:  # "$": only the server can resolve it
+            request.sequence_set.resolve(1000)
         request.sequence_set.to_bytes()
 
     seeds = [
         b"1:* (FLAGS UID)",
+        b"$ (FLAGS)",
         b"1,3:5 ALL",
         b"2 (BODY.PEEK[HEADER.FIELDS.NOT (Subject)]<0.100> BINARY[1.2] RFC822.SIZE)",
         b"* (BODY[1.2.MIME] BODY[TEXT] BINARY.SIZE[1])",
@@ -311,6 +315,28 @@ def _config() -> Target:
     return Target(run, (ConfigError,), seeds)
 
 
+def _smtp_data() -> Target:
+    """The DATA receiver, fed the input cut where its first byte says: it must find the
+    same end and the same message however the input is cut."""
+    from localproxy.smtp.data import DataReceiver
+
+    def receive(stream: bytes, step: int) -> tuple[int | None, bytes | None]:
+        receiver = DataReceiver(4096, line_limit=200)
+        for start in range(0, len(stream), step):
+            end = receiver.feed(stream[start : start + step])
+            if end is not None:
+                content = None if receiver.problem else receiver.content()
+                return start + end, content
+        return None, None
+
+    def run(data: bytes) -> None:
+        step, stream = (data[0] if data else 1) or 1, data[1:]
+        assert receive(stream, step) == receive(stream, len(stream) or 1)
+
+    seeds = [b"\x07" + LETTER.replace(b"\n", b"\r\n") + b".\r\n", b"\x01.\r\n", b"\x03..x\r\n.\r\n"]
+    return Target(run, (), seeds)
+
+
 def _smtp_compose() -> Target:
     from localproxy.config import parse_config
     from localproxy.crypto.openpgp import default_engine
@@ -344,7 +370,7 @@ def _smtp_compose() -> Target:
         for copy in compose(
             data, recipients, account=account, policy=config.policy, store=store, engine=engine
         ):
-            assert isinstance(copy.message, bytes)
+            assert isinstance(copy.message, bytes | bytearray)
 
     seeds = [LETTER, MULTIPART, b"C" + LETTER[1:], b"Subject: x\n\nbare lf\n"]
     return Target(run, (PolicyRefusal,), seeds)
@@ -358,6 +384,7 @@ FACTORIES: dict[str, Callable[[], Target]] = {
     "openpgp": _openpgp,
     "cms": _cms,
     "config": _config,
+    "smtp-data": _smtp_data,
     "smtp-compose": _smtp_compose,
 }
 

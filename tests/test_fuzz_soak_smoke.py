@@ -17,7 +17,7 @@ from localproxy.sandbox.provider import ProviderUnavailable, check_available
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"imap-client", "imap-server", "fetch", "mime", "openpgp", "cms", "config"}
-TARGETS |= {"smtp-compose"}
+TARGETS |= {"smtp-data", "smtp-compose"}
 
 
 def test_fuzz_runs_every_target_cleanly(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from localproxy.crypto.openpgp import default_engine
 from localproxy.sandbox.ca import make_test_ca
 from localproxy.sandbox.provider import Provider
-from tests.e2e.test_daemon import Running, free_port, launch, status_json
+from tests.e2e.test_daemon import Running, free_port, launch, status_json, write_config
 from tests.harness.smtp_faults import SmtpFaultRelay
 from tests.harness.tcp_faults import BackgroundLoop, ImapFaultRelay
 
@@ -30,46 +30,12 @@ CLI = (sys.executable, "-m", "localproxy", "--config")
 CAROL_KEY = ENGINE.generate_key(["Carol <carol@example.org>"])
 
 
-def write_config(
-    path: Path,
-    provider: Provider,
-    ports: tuple[int, int],
-    *,
-    up_imap: int | None = None,
-    up_smtp: int | None = None,
-    smtp_security: str = "starttls",
-) -> None:
-    imap_port, smtp_port = ports
-    path.write_text(f"""
-[proxy]
-data_dir = "{path.parent / "data"}"
-log_level = "debug"
-
-[[account]]
-name = "alice"
-addresses = ["alice@example.org"]
-[account.local]
-imap_port = {imap_port}
-smtp_port = {smtp_port}
-[account.upstream.imap]
-host = "{provider.hostname}"
-port = {up_imap or provider.imaps_port}
-security = "tls"
-ca_file = "{provider.ca_file}"
-[account.upstream.smtp]
-host = "{provider.hostname}"
-port = {up_smtp or provider.submission_port}
-security = "{smtp_security}"
-ca_file = "{provider.ca_file}"
-""")
-
-
 def start_daemon(
     provider: Provider, tmp_path: Path, *, certs: tuple[Path, ...] = (), **upstream: object
 ) -> Running:
     config = tmp_path / "config.toml"
     ports = (free_port(), free_port())
-    write_config(config, provider, ports, **upstream)  # type: ignore[arg-type]
+    write_config(config, provider, *ports, **upstream)  # type: ignore[arg-type]
     env = {**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "run")}
     base = [sys.executable, "-m", "localproxy", "--config", str(config), "keys"]
     for args in (["generate", "alice"], ["import", *map(str, certs)] if certs else None):
@@ -359,3 +325,98 @@ def test_refused_at_start_the_daemon_runs_and_says_why(clean_provider, tmp_path)
     finally:
         log = running.stop()
     assert running.process.returncode == 0, log[-2000:]
+
+
+# ---------------------------------- 5. how it dies, mid-literal, and a slow network
+
+BIG = (
+    b"From: bob@example.org\r\nTo: alice@example.org\r\nSubject: big\r\n\r\n"
+    + b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwx\r\n" * 3000
+)
+
+
+def literals_are_whole(answer: bytes) -> bool:
+    """Every literal the client was promised ({N}) came with its N bytes."""
+    for match in re.finditer(rb"\{(\d+)\}\r\n", answer):
+        if len(answer) - match.end() < int(match.group(1)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("style", ["close_notify", "no_close_notify", "rst"])
+def test_however_the_provider_dies_the_client_is_told(
+    clean_provider, imap_relay, behind_relay, style
+):
+    """An orderly TLS shutdown, a TCP close without close_notify (a truncation attack
+    looks the same) and a reset all end in BYE, with nothing half-stored."""
+    imap_relay.cut_on, imap_relay.close_style = b"CUT-HERE", style
+    client = RawImap(behind_relay.imap_port)
+    try:
+        answer = _dies_during_append(client, clean_provider)
+    finally:
+        client.close()
+    assert imap_relay.cuts == 1
+    assert re.search(rb"\* BYE \[UNAVAILABLE\] localproxy: [^\r\n]+\r\n", answer), answer
+    assert b"c2 OK" not in answer and b"Traceback" not in answer
+    assert clean_provider.stored_messages("alice") == [], "nothing half-stored"
+
+
+@pytest.mark.parametrize("style", ["close_notify", "rst"])
+def test_provider_dies_during_a_fetch_of_a_large_literal(
+    clean_provider, imap_relay, behind_relay, style
+):
+    """The client must never take a truncated message for the whole one: it gets the
+    message whole or a failure, and a new session gets it whole."""
+    clean_provider.append("alice", BIG)
+    imap_relay.cut_on, imap_relay.cut_reply, imap_relay.cut_extra = b"BODY[]", True, 40_000
+    imap_relay.close_style = style
+    client = RawImap(behind_relay.imap_port)
+    try:
+        assert b"c1 OK" in client.command("c1", login(clean_provider))
+        assert b"c2 OK" in client.command("c2", "SELECT INBOX")
+        client.send(b"c3 UID FETCH 1:* (BODY[])\r\n")
+        answer = client.rest()
+    finally:
+        client.close()
+    assert imap_relay.cuts >= 1
+    assert literals_are_whole(answer), answer[-300:]
+    assert re.fullmatch(rb"\* BYE \[UNAVAILABLE\] localproxy: [^\r\n]+\r\n", answer), answer
+    imap_relay.cut_on = None
+    again = RawImap(behind_relay.imap_port)
+    try:
+        assert b"d1 OK" in again.command("d1", login(clean_provider))
+        assert b"d2 OK" in again.command("d2", "SELECT INBOX")
+        whole = again.command("d3", "UID FETCH 1:* (BODY[])")
+    finally:
+        again.close()
+    assert BIG in whole and b"d3 OK" in whole
+
+
+def test_a_trickling_provider_gives_the_same_bytes(clean_provider, imap_relay, behind_relay):
+    """The provider's answers arrive 7 bytes at a time: every literal and status line
+    must come out the same as over a fast link."""
+    clean_provider.append("alice", BIG[:5000])
+
+    def session() -> list[bytes]:
+        client = RawImap(behind_relay.imap_port)
+        try:
+            answers = [client.command("e1", login(clean_provider))]
+            answers.append(client.command("e2", "SELECT INBOX"))
+            answers.append(client.command("e3", "UID FETCH 1:* (RFC822.SIZE BODY.PEEK[])"))
+            client.command("e4", "LOGOUT")
+        finally:
+            client.close()
+        return answers
+
+    fast = session()
+    imap_relay.trickle = 7
+    slow = session()
+    assert [comparable(a) for a in slow] == [comparable(a) for a in fast]
+    assert BIG[:5000] in slow[2]
+
+
+def comparable(answer: bytes) -> bytes:
+    """Without what differs between two sessions anyway: Dovecot's timings, RECENT
+    (the FETCH leaves FLAGS out for the same reason)."""
+    answer = re.sub(rb" \(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)", b"", answer)
+    return re.sub(rb"\* \d+ RECENT\r\n", b"", answer)

@@ -6,12 +6,15 @@ submissions port, and relays line by line, so it can see SMTP and fail at an
 exact point. After N accepted messages, the next transaction fails by mode:
 
 - "drop": close both sides at MAIL;
+- "drop-at-auth": close both sides when the client sends AUTH;
 - "451": answer MAIL with 451;
 - "drop-in-data": pass MAIL, RCPT and part of the message, then close both sides;
 - "stall": pass the message but hold back its final "." and never answer, until
   the client gives up and closes (Postfix then discards the partial message).
 
-While "down", every connection is refused. Every message body the relay saw
+The relay hides CHUNKING from the client unless `chunking` is set; with it, a BDAT
+chunk fails the same ways ("drop-in-data": part of it; "stall": all but its last
+octet). While "down", every connection is refused. Every message body the relay saw
 (complete or not) is kept in `data_seen`, so tests can check what went out.
 """
 
@@ -24,7 +27,7 @@ from typing import Literal
 
 from localproxy.sandbox.provider import Provider
 
-Mode = Literal["drop", "451", "drop-in-data", "stall"]
+Mode = Literal["drop", "drop-at-auth", "451", "drop-in-data", "stall"]
 IN_DATA_MODES = ("drop-in-data", "stall")
 DROP_AFTER_BYTES = 512  # "drop-in-data" forwards about this much of the message
 
@@ -36,6 +39,8 @@ class SmtpFaultRelay:
         self.fail_after: int | None = None  # fail the transaction after this many
         self.mode: Mode = "drop"  # see the module docstring
         self.down = False  # refuse every new connection
+        self.chunking = False  # pass the provider's CHUNKING (BDAT) on to the client
+        self.verbs: list[bytes] = []  # every command verb the client sent
         self.faults = 0  # how many times a fault was injected
         self.data_seen: list[bytes] = []  # each message body received from the client
         self.port = 0
@@ -89,13 +94,24 @@ class SmtpFaultRelay:
         writer.write(await _reply(up_reader))  # greeting
         while line := await reader.readline():
             verb = line[:4].upper()
-            if verb == b"MAIL" and self._failing() and self.mode not in IN_DATA_MODES:
+            self.verbs.append(verb)
+            if verb == b"AUTH" and self._failing() and self.mode == "drop-at-auth":
+                self.faults += 1
+                return
+            if verb == b"MAIL" and self._failing() and self.mode in ("drop", "451"):
                 self.faults += 1
                 if self.mode == "451":
                     writer.write(b"451 4.3.0 simulated temporary failure\r\n")
                     continue
                 return  # "drop": the provider vanishes mid-session
+            if verb == b"BDAT":
+                if not await self._bdat(line, reader, writer, up_reader, up_writer):
+                    return
+                continue
             up_writer.write(line)
+            if verb == b"EHLO" and not self.chunking:
+                writer.write(_without_chunking(await _reply(up_reader)))
+                continue
             if verb == b"DATA":
                 reply = await _reply(up_reader)
                 writer.write(reply)
@@ -113,6 +129,33 @@ class SmtpFaultRelay:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
 
+    async def _bdat(
+        self,
+        line: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Relay one BDAT chunk; False once the connection is to end."""
+        chunk = await reader.readexactly(int(line.split()[1]))
+        if self._failing() and self.mode in IN_DATA_MODES:
+            self.faults += 1
+            keep = DROP_AFTER_BYTES if self.mode == "drop-in-data" else len(chunk) - 1
+            up_writer.write(line + chunk[:keep])  # never the whole chunk: nothing is stored
+            self.data_seen.append(chunk[:keep])
+            with contextlib.suppress(ConnectionError):
+                await up_writer.drain()
+            if self.mode == "stall":
+                await _silent_until_closed(reader)
+            return False
+        up_writer.write(line + chunk)
+        self.data_seen.append(chunk)
+        reply = await _reply(up_reader)
+        self.accepted += reply.startswith(b"250") and b"LAST" in line.upper()
+        writer.write(reply)
+        return True
+
     def _failing(self) -> bool:
         return self.fail_after is not None and self.accepted >= self.fail_after
 
@@ -126,8 +169,21 @@ class SmtpFaultRelay:
         with contextlib.suppress(ConnectionError):
             await up_writer.drain()
         if self.mode == "stall":
-            while await reader.read(65536):  # silent until the client hangs up
-                pass
+            await _silent_until_closed(reader)
+
+
+async def _silent_until_closed(reader: asyncio.StreamReader) -> None:
+    """A provider that took the message and never answers: read until the client quits."""
+    while await reader.read(65536):
+        pass
+
+
+def _without_chunking(reply: bytes) -> bytes:
+    """An EHLO reply as from a provider that does not offer CHUNKING."""
+    lines = [x for x in reply.split(b"\r\n") if x and x[4:].upper() != b"CHUNKING"]
+    last = lines[-1]
+    lines[-1] = last[:3] + b" " + last[4:]
+    return b"".join(x + b"\r\n" for x in lines)
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:

@@ -5,7 +5,14 @@ connections (`use_certificate`), opens implicit TLS to Dovecot's IMAPS port and
 copies bytes both ways. Everything the client sent after a completed handshake is
 kept in `received`. `cut_on`: when the client's bytes contain this marker, the relay
 forwards the bytes up to and including it (plus `cut_extra` more bytes) and then
-closes both sides, as if the provider died right there.
+closes both sides, as if the provider died right there. With `cut_reply = True` the
+command goes through whole and the provider's answer is cut after `cut_extra` bytes
+instead (a FETCH dying mid-literal).
+
+How it dies (`close_style`): "close_notify" (an orderly TLS shutdown), "no_close_notify"
+(TCP closed under TLS, as a crashed server or a middlebox does) or "rst" (a TCP
+reset). `trickle`: the provider's bytes reach the client in pieces of this many bytes,
+1 ms apart (a slow or fragmenting network).
 
 `BackgroundLoop` runs such relays (or `SmtpFaultRelay`) on an event loop of their
 own in a thread, so a `localproxy run` subprocess can be pointed at them.
@@ -15,15 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from localproxy.sandbox.provider import Provider
 
 T = TypeVar("T")
+CloseStyle = Literal["close_notify", "no_close_notify", "rst"]
 
 
 class BackgroundLoop:
@@ -50,6 +60,9 @@ class ImapFaultRelay:
         self.received = b""  # what clients sent after a completed handshake
         self.cut_on: bytes | None = None
         self.cut_extra = 0
+        self.cut_reply = False
+        self.close_style: CloseStyle = "close_notify"
+        self.trickle: int | None = None
         self.cuts = 0
         self._ctx = self._context(provider.ca.cert_file, provider.ca.key_file)
         self._server: asyncio.base_events.Server | None = None
@@ -96,21 +109,29 @@ class ImapFaultRelay:
                 ssl=self.provider.ssl_context(),
                 server_hostname=self.provider.hostname,
             )
-            down = asyncio.create_task(_pipe(up_reader, writer))
+            reply_cut = asyncio.Event()  # the client sent the marker: cut the answer
+            down = asyncio.create_task(self._down(up_reader, writer, reply_cut))
+            up = asyncio.create_task(self._up(reader, up_writer, reply_cut))
             try:
-                await self._up(reader, up_writer)
+                await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                down.cancel()
-                await asyncio.gather(down, return_exceptions=True)
+                for task_ in (up, down):
+                    task_.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
             self._tasks.discard(task)
-            for w in (writer, up_writer):
-                if w is not None:
-                    w.close()
+            if up_writer is not None:
+                up_writer.close()
+            _close(writer, self.close_style)
 
-    async def _up(self, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+    async def _up(
+        self,
+        reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        reply_cut: asyncio.Event,
+    ) -> None:
         seen = b""  # this connection's client bytes
         pending = b""  # bytes after the marker, while cutting
         cutting = False
@@ -119,10 +140,13 @@ class ImapFaultRelay:
             start = len(seen)
             seen += data
             if not cutting and self.cut_on is not None and (at := seen.find(self.cut_on)) >= 0:
-                cutting = True
-                head_end = at + len(self.cut_on) - start
-                up_writer.write(data[:head_end])
-                data = data[head_end:]
+                if self.cut_reply:
+                    reply_cut.set()
+                else:
+                    cutting = True
+                    head_end = at + len(self.cut_on) - start
+                    up_writer.write(data[:head_end])
+                    data = data[head_end:]
             if not cutting:
                 up_writer.write(data)
                 await up_writer.drain()
@@ -135,9 +159,39 @@ class ImapFaultRelay:
                 self.cuts += 1
                 return  # the provider "dies" here
 
+    async def _down(
+        self,
+        up_reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        reply_cut: asyncio.Event,
+    ) -> None:
+        passed = 0  # bytes of the answer since the marker
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while data := await up_reader.read(65536):
+                if reply_cut.is_set():
+                    if passed + len(data) >= self.cut_extra:
+                        await self._deliver(writer, data[: self.cut_extra - passed])
+                        self.cuts += 1
+                        return  # the provider "dies" mid-answer
+                    passed += len(data)
+                await self._deliver(writer, data)
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, ssl.SSLError):
-        while data := await reader.read(65536):
-            writer.write(data)
+    async def _deliver(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        step = self.trickle or len(data) or 1
+        for start in range(0, len(data), step):
+            writer.write(data[start : start + step])
             await writer.drain()
+            if self.trickle:
+                await asyncio.sleep(0.001)
+
+
+def _close(writer: asyncio.StreamWriter, style: CloseStyle) -> None:
+    if style == "close_notify":
+        writer.close()
+        return
+    if style == "rst":
+        raw = writer.get_extra_info("socket")
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # no TLS close_notify; with SO_LINGER 0 a reset

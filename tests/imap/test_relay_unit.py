@@ -213,6 +213,8 @@ class FakeUpstream:
     def _fetch(self, conn: FakeConnection, command: Command) -> None:
         request = parse_fetch_request(command.args)
         uids = sorted(self.messages)
+        if request.sequence_set.saved:  # no SEARCH ... SAVE yet: $ is empty (RFC 5182)
+            uids = []
         for sequence, uid in enumerate(uids, 1):
             number = uid if command.subcommand else sequence
             if not request.sequence_set.contains(
@@ -613,6 +615,25 @@ async def test_known_plain_messages_are_fetched_again_without_probes(
         b"f2 FETCH 1:* (FLAGS RFC822.SIZE)\r\n",
         b"f3 UID FETCH 1:* (RFC822.SIZE)\r\n",
     ]
+    client.close()
+
+
+async def test_saved_search_result_is_left_to_the_provider(
+    upstream: FakeUpstream, proxy: ImapProxy
+):
+    """FETCH $ (RFC 5182): only the provider knows what $ holds, so the relay never
+    resolves it locally, even where it knows every message of the mailbox (a fuzzing
+    target once resolved it and raised)."""
+    upstream.add(PLAIN)
+    client = await (await Client.connect(proxy)).login()
+    await client.command(b"s", b"SELECT INBOX")
+    await client.command(b"f1", b"FETCH 1:* (FLAGS)")
+    for command in (b"FETCH $ (BODY.PEEK[])", b"UID FETCH $ (FLAGS)"):
+        _events, tagged = await client.command(b"f2", command)
+        assert tagged.status in (b"OK", b"NO", b"BAD")
+        assert upstream.commands(command.split(b" $")[0])[-1].startswith(b"f2 " + command[:-1])
+    _events, alive = await client.command(b"n", b"NOOP")
+    assert alive.status == b"OK"
     client.close()
 
 
