@@ -564,12 +564,11 @@ def drive(seconds: float, names: list[str], findings: Path, json_path: Path | No
         execs = int(found.group(1)) if found else 0
         cov = int(found.group(2)) if found and found.group(2) else None
         new = sorted(set(findings.glob(f"{name}-*")) - before) if findings.exists() else []
-        finding_lines = [line for line in text.splitlines() if line.startswith("=== FINDING")]
         if proc.returncode != 0:
             tail = "\n".join(text.splitlines()[-40:])
             print(f"--- {name}: child exited {proc.returncode}\n{tail}")
-        for line in finding_lines:
-            print(line)
+        for block in finding_blocks(text):
+            print(block)
         elapsed = time.monotonic() - started
         rows.append(
             {
@@ -593,6 +592,20 @@ def drive(seconds: float, names: list[str], findings: Path, json_path: Path | No
         json_path.write_text(json.dumps({"engine": engine, "targets": rows}, indent=2))
     print("fuzz: " + ("FINDINGS: " + ", ".join(r["target"] for r in bad) if bad else "clean"))
     return 1 if bad else 0
+
+
+def finding_blocks(text: str, max_lines: int = 40) -> list[str]:
+    """Each finding the child printed: its header, input and traceback (libFuzzer's status
+    lines start with '#' or 'INFO', and end a block)."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("=== FINDING"):
+            blocks.append([line])
+        elif blocks and line.startswith(("#", "INFO:", "=== ")):
+            blocks.append([])  # a closed block: the next lines are not part of a finding
+        elif blocks and blocks[-1] and len(blocks[-1]) < max_lines:
+            blocks[-1].append(line)
+    return ["\n".join(b) for b in blocks if b]
 
 
 def replay(files: list[Path]) -> int:

@@ -174,16 +174,17 @@ class Decrypted(NamedTuple):
 
 P = ParamSpec("P")
 R = TypeVar("R")
-# What asn1crypto (lazy parsing) and cryptography's loaders raise on malformed input.
-_PARSE_ERRORS = (
+# What cryptography raises on a malformed certificate, at load time or (extensions are
+# parsed lazily, and again on every access) when the extensions are first read.
+_CERT_ERRORS = (
     ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    OverflowError,
     x509.InvalidVersion,
     UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
 )
+# What asn1crypto (lazy parsing) and cryptography's loaders raise on malformed input.
+_PARSE_ERRORS = (*_CERT_ERRORS, TypeError, KeyError, IndexError, OverflowError)
 
 
 def _parse_guard(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -282,15 +283,21 @@ def parse_certificates(data: bytes) -> list[x509.Certificate]:
     """Certificates from PEM (certificates or PKCS#7 blocks), DER, or a DER PKCS#7 bundle."""
     try:
         if b"-----BEGIN" in data:
-            return _parse_pem(data)
+            return [_readable(c) for c in _parse_pem(data)]
         if data[:1] != b"\x30":
             raise MalformedData("neither PEM nor DER certificate data")
         try:
-            return [x509.load_der_x509_certificate(data)]
+            return [_readable(x509.load_der_x509_certificate(data))]
         except ValueError:
-            return list(pkcs7.load_der_pkcs7_certificates(data))
-    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
+            return [_readable(c) for c in pkcs7.load_der_pkcs7_certificates(data)]
+    except _CERT_ERRORS as exc:
         raise MalformedData(f"cannot read certificates: {exc}") from exc
+
+
+def _readable(cert: x509.Certificate) -> x509.Certificate:
+    """The certificate, once its extensions parse (duplicates raise on every later read)."""
+    cert.extensions  # noqa: B018
+    return cert
 
 
 def _parse_pem(data: bytes) -> list[x509.Certificate]:
@@ -917,8 +924,9 @@ def _message_certs(signed: cms.SignedData) -> list[tuple[asn1_x509.Certificate, 
         if choice.name != "certificate":
             continue  # attribute certificates and the like play no part here
         try:
-            found.append((choice.chosen, x509.load_der_x509_certificate(choice.chosen.dump())))
-        except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
+            cert = _readable(x509.load_der_x509_certificate(choice.chosen.dump()))
+            found.append((choice.chosen, cert))
+        except _CERT_ERRORS:
             continue  # an unreadable extra certificate does not spoil the signature
     return found
 

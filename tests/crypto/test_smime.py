@@ -584,6 +584,29 @@ def test_verify_algorithms(variant: str) -> None:
     assert bad.status is SignatureStatus.INVALID
 
 
+def _with_duplicate_san(cert: x509.Certificate) -> bytes:
+    """The certificate's DER with its keyUsage OID rewritten to subjectAltName's: a second
+    SAN, which cryptography reports only when the extensions are read."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    key_usage, san = bytes.fromhex("0603551d0f"), bytes.fromhex("0603551d11")
+    assert der.count(key_usage) == 1 and der.count(san) == 1
+    return der.replace(key_usage, san)
+
+
+def test_certificate_with_duplicate_extensions() -> None:
+    """Found by scripts/fuzz (cms): a message carrying such a certificate raised
+    DuplicateExtension out of verify; now the certificate is unreadable, not a crash."""
+    signed = smime.sign(SEVEN_BIT, alice().cert, alice().key)
+    der = alice().cert.public_bytes(serialization.Encoding.DER)
+    content, signature = _parts(signed)
+    bad_signature = signature.replace(der, _with_duplicate_san(alice().cert))
+    assert bad_signature != signature
+    result = smime.verify_detached(content, bad_signature, roots())
+    assert result.status is SignatureStatus.UNKNOWN_KEY and result.signer is None
+    with pytest.raises(MalformedData, match="cannot read certificates"):
+        smime.parse_certificates(_with_duplicate_san(alice().cert))
+
+
 def test_verify_rejects_sha1_digest() -> None:
     _, signature = _parts(smime.sign(SEVEN_BIT, alice().cert, alice().key))
 
