@@ -188,6 +188,23 @@ def test_own_secrets_match_own_keys(store):
     assert store.own_secrets("nobody") == []
 
 
+def test_own_keys_follow_changes_from_this_and_other_connections(store, tmp_path):
+    """own_keys is remembered per account (every outgoing message asks), but a change
+    made here or by another process (`localproxy keys`) shows at the next call."""
+    assert store.own_keys("personal") == []
+    first = store.generate("personal", ("alice@example.org",))
+    assert [c.fingerprint for c, _ in store.own_keys("personal")] == [first.fingerprint]
+    with KeyStore(store.data_dir) as other:  # as the CLI would, while the daemon runs
+        second = other.generate("personal", ("alice@example.org",))
+    seen = {c.fingerprint for c, _ in store.own_keys("personal")}
+    assert seen == {first.fingerprint, second.fingerprint}
+    with KeyStore(store.data_dir) as other:
+        assert other.remove(second.fingerprint)
+    assert [c.fingerprint for c, _ in store.own_keys("personal")] == [first.fingerprint]
+    assert store.remove(first.fingerprint)
+    assert store.own_keys("personal") == []
+
+
 def test_certs_for_ids_follows_changes_to_the_store(store):
     info = store.generate("personal", ("alice@example.org",))
     ids = [info.fingerprint[-16:], *info.subkey_fingerprints]

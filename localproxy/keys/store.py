@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS x509_meta (     -- only for certs of kind 'x509'
 """
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PassphrasePrompt = Callable[[CertInfo], str | None]
 COLLECTED = "collected"  # source of S/MIME certificates learned from signed mail
 _OLDEST = datetime.min.replace(tzinfo=UTC)
@@ -176,6 +178,10 @@ class KeyStore:
         # Whether a key is usable depends on the time, so an entry lasts at most
         # INFO_TTL and never past the certificate's own expiry.
         self._infos: dict[bytes, tuple[float, CertInfo]] = {}
+        # Own keys per account, unsealed, as long as the database is unchanged (see
+        # _generation) and at most INFO_TTL: every outgoing message asks for them.
+        self._own: dict[tuple[str, str | None], tuple[tuple[int, int], float, list[Any]]] = {}
+        self._writes = 0  # our own commits; data_version counts only other connections'
         # One connection shared by the event loop and worker threads (crypto runs in
         # threads); the lock serializes statements and keeps transactions whole.
         self._lock = threading.RLock()
@@ -205,8 +211,11 @@ class KeyStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front: a concurrent writer waits
         # (busy_timeout) instead of failing half-way through a merge.
-        with immediate(self._db, self._lock) as db:
-            yield db
+        try:
+            with immediate(self._db, self._lock) as db:
+                yield db
+        finally:
+            self._writes += 1  # even a rollback: being wrong costs one extra query
 
     def _rows(self, query: str, args: tuple[str, ...] = ()) -> list[tuple]:
         with self._lock:
@@ -327,8 +336,40 @@ class KeyStore:
         )
         return [box.open(sealed, f"own-key:{fpr}".encode()) for fpr, sealed in rows]
 
+    def _generation(self) -> tuple[int, int]:
+        """Moves whenever the database may have changed: another process's commit moves
+        SQLite's data_version, ours move _writes."""
+        with self._lock:
+            ((version,),) = self._db.execute("PRAGMA data_version").fetchall()
+        return version, self._writes
+
+    def _remembered(
+        self,
+        key: tuple[str, str | None],
+        load: Callable[[], list[T]],
+        expiry: Callable[[T], datetime | None] = lambda item: None,
+    ) -> list[T]:
+        """load(), again only once the database changed, INFO_TTL passed, or one of
+        the items expired (whether a key is usable depends on the time)."""
+        generation, now = self._generation(), time.monotonic()
+        cached = self._own.get(key)
+        if cached is not None and cached[0] == generation and now < cached[1]:
+            return list(cached[2])
+        value = load()
+        deadline = now + INFO_TTL
+        for expires in filter(None, map(expiry, value)):
+            deadline = min(deadline, now + max(0.0, (expires - datetime.now(UTC)).total_seconds()))
+        with self._lock:
+            self._own[key] = generation, deadline, value
+        return list(value)
+
     def own_keys(self, account: str | None = None) -> list[tuple[StoredCert, bytes]]:
         """The accounts' secret keys, unsealed for in-memory use."""
+        return self._remembered(
+            ("openpgp", account), lambda: self._own_keys(account), lambda own: own[0].info.expires
+        )
+
+    def _own_keys(self, account: str | None) -> list[tuple[StoredCert, bytes]]:
         query = (
             "SELECT c.data, c.source, c.added, c.updated, o.account, o.sealed, "
             "o.fingerprint FROM own_keys o JOIN certs c USING (fingerprint) "
@@ -528,7 +569,8 @@ class KeyStore:
 
     def smime_identities(self, account: str) -> list[smime.SmimeIdentity]:
         """The account's own S/MIME identities, keys unsealed for in-memory use."""
-        return self._identities("o.account = ?", account)
+        load = functools.partial(self._identities, "o.account = ?", account)
+        return self._remembered(("x509", account), load, lambda own: own.cert.not_valid_after_utc)
 
     def smime_identity(self, fingerprint: str) -> smime.SmimeIdentity | None:
         """The own S/MIME identity with this certificate fingerprint, key unsealed."""

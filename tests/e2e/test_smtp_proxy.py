@@ -496,12 +496,15 @@ async def test_first_copy_failure_reaches_the_client_and_nothing_is_sent(clean_p
     rig = await start_rig(clean_provider, tmp_path, smtp_port=relay.port, security="tls")
     relay.fail_after, relay.mode = 0, "451"
 
-    def mail() -> tuple[int, bytes]:
+    def mail() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
         with rig.client() as smtp:
-            return smtp.mail("alice@example.org")
+            return smtp.mail("alice@example.org"), smtp.rcpt("bob@example.org")
 
     try:
-        code, text = await asyncio.to_thread(mail)
+        # MAIL goes upstream with the first RCPT: the provider's verdict on the
+        # sender is that RCPT's answer (as Postfix's own smtpd_delay_reject does).
+        (mail_code, _), (code, text) = await asyncio.to_thread(mail)
+        assert mail_code == 250
         assert code == 451 and b"simulated temporary failure" in text
     finally:
         await rig.proxy.close()

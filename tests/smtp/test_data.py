@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from localproxy.smtp.data import DataProblem, DataReceiver
-from localproxy.smtp.server import _dot_stuffed
+from localproxy.smtp.pipe import dot_stuffed
 
 PIECES = st.sampled_from([b".", b"..", b"\r\n", b"\r\n.", b"\n", b"\r", b"x", b"yyyyyyy\r\n"])
 NEXT_COMMAND = b"QUIT\r\n"
@@ -16,7 +16,7 @@ NEXT_COMMAND = b"QUIT\r\n"
 
 def on_the_wire(message: bytes) -> bytes:
     """What a client sends after 354: dot-stuffed, CRLF-terminated, the end mark."""
-    stuffed = b"".join(bytes(p) for p in _dot_stuffed(message))
+    stuffed = b"".join(bytes(p) for p in dot_stuffed(message))
     return stuffed + (b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n")
 
 

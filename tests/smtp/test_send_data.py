@@ -7,14 +7,14 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from localproxy.smtp import server
+from localproxy.smtp import pipe
 
 PIECES = st.sampled_from([b".", b"..", b"\r\n", b"\r\n.", b"x", b"x\r\n"])
 
 
 def wire(message: bytes) -> bytes:
     end = b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n"
-    return b"".join(bytes(p) for p in server._dot_stuffed(message)) + end
+    return b"".join(bytes(p) for p in pipe.dot_stuffed(message)) + end
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7])
@@ -22,9 +22,9 @@ def wire(message: bytes) -> bytes:
 def test_dot_stuffing_matches_aiosmtplib(chunk: int, pieces: list[bytes]) -> None:
     message = b"".join(pieces)
     expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
-    original = server.DATA_CHUNK
-    server.DATA_CHUNK = chunk
+    original = pipe.DATA_CHUNK
+    pipe.DATA_CHUNK = chunk
     try:
         assert wire(message) == expected
     finally:
-        server.DATA_CHUNK = original
+        pipe.DATA_CHUNK = original
