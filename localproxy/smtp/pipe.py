@@ -177,12 +177,6 @@ class Pipe(asyncio.Protocol):
         (reply,) = await self._replies(waiters)
         return checked(reply, (250,))
 
-    async def quit(self) -> None:
-        try:
-            await self.command(b"QUIT", expected=(221,))
-        finally:
-            self.close()
-
     # ------------------------------------------------------------------ helpers
 
     def _expect(self, count: int) -> list[asyncio.Future[SMTPResponse]]:

@@ -291,7 +291,7 @@ class SmtpHandler:
         still open) in the same write; SMTPResponseException with the first refusal."""
         upstream = await self._upstream(proxy)
         if proxy.pending_mail is None:
-            checked(*await upstream.commands(rcpt), RCPT_OK)
+            await upstream.command(rcpt, RCPT_OK)
             return
         lines = [proxy.pending_mail, rcpt]
         if proxy.transaction_open:
