@@ -128,8 +128,8 @@ class Pipe(asyncio.Protocol):
             waiter = self._waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(error)
+                waiter.exception()  # marked seen: a writer that failed first never awaits it
+        self.resume_writing()  # a writer waiting to drain wakes and finds _lost set
         self.transport.close()
 
     # ------------------------------------------------------------------ API
@@ -212,6 +212,8 @@ class Pipe(asyncio.Protocol):
         if self._drained is not None:
             async with asyncio.timeout(self.timeout):
                 await self._drained
+            if self._lost is not None:
+                raise self._lost
 
 
 def checked(reply: SMTPResponse, expected: Iterable[int]) -> SMTPResponse:

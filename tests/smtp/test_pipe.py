@@ -187,3 +187,14 @@ async def test_message_goes_as_dot_stuffed_data_otherwise() -> None:
         await task
     assert raised.value.code == 552
     assert transport.written == b"DATA\r\nSubject: x\r\n\r\n..dot\r\n.\r\n"
+
+
+async def test_a_writer_waiting_to_drain_learns_of_the_lost_connection() -> None:
+    upstream, _ = pipe(chunking="")
+    upstream.pause_writing()  # the provider stopped reading
+    big = b"x" * (3 << 20) + b"\r\n"
+    task = asyncio.ensure_future(upstream.send_message(big))
+    await asyncio.sleep(0)
+    upstream.connection_lost(ConnectionResetError("gone"))
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected, match="gone"):
+        await task
