@@ -76,9 +76,8 @@ async def _check_imap(result: ServiceCheck, account: Account, password: str | No
     result.tls = conn.tls
     try:
         if password is not None:
-            result.login = await asyncio.wait_for(
-                imap_login(conn, account.login, password), result.server.timeout
-            )
+            async with asyncio.timeout(result.server.timeout):
+                result.login = await imap_login(conn, account.login, password)
     finally:
         await conn.close()
 

@@ -208,7 +208,8 @@ async def _answer(
     reader: asyncio.StreamReader, handle: Handler, token: str | None
 ) -> dict[str, Any]:
     try:
-        line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            line = await reader.readline()
         request = json.loads(line[:MAX_REQUEST])
         command = request["command"]
         offered = request.get("token", "")

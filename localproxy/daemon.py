@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from localproxy import __version__, control
+from localproxy.aio import cancel_and_wait
 from localproxy.check import check_service
 from localproxy.config import Account, load_config
 from localproxy.crypto.openpgp import default_engine
@@ -293,9 +294,7 @@ class Daemon:
         await asyncio.gather(*(rt.close() for rt in self.accounts.values()), return_exceptions=True)
         if hasattr(self, "worker"):
             await self.worker.stop(grace=SHUTDOWN_GRACE)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         for name in ("outbox", "store", "state"):
             if hasattr(self, name):
                 getattr(self, name).close()

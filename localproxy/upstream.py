@@ -43,7 +43,8 @@ class ImapUpstream:
 async def connect_imap(server: UpstreamServer, stream_limit: int = 2**20) -> ImapUpstream:
     """Connect to an upstream IMAP server with implicit TLS or mandatory STARTTLS."""
     try:
-        return await asyncio.wait_for(_connect_imap(server, stream_limit), server.timeout)
+        async with asyncio.timeout(server.timeout):  # not wait_for: see aio.py
+            return await _connect_imap(server, stream_limit)
     except UpstreamError:
         raise
     except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError) as exc:

@@ -49,6 +49,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from localproxy.aio import cancel_and_wait
 from localproxy.config import Account, UpstreamServer, is_loopback
 from localproxy.imap.cache import ViewCache, ViewKey
 from localproxy.imap.codec import (
@@ -315,9 +316,7 @@ class ImapProxy:
         servers = [s for s in (self._server, self._tls_server) if s is not None]
         for server in servers:
             server.close()
-        for task in list(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, return_exceptions=True)
+        await cancel_and_wait(self._sessions)
         for server in servers:
             await server.wait_closed()
         self._server = self._tls_server = None
@@ -581,9 +580,7 @@ class ImapSession:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc

@@ -41,6 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from localproxy.aio import cancel_and_wait
 from localproxy.secretbox import SecretBox, SecretBoxError
 from localproxy.sqlite import immediate, retry_locked
 
@@ -715,7 +716,8 @@ class OutboxWorker:
             await asyncio.sleep(0)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wakeup.wait()
 
     def wake(self) -> None:
         """Look for due items now (after add(), or on a "flush outbox" request)."""
@@ -736,8 +738,7 @@ class OutboxWorker:
             return
         _done, pending = await asyncio.wait({task}, timeout=grace)
         if pending:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(pending)
 
     # ----------------------------------------------------------------------- one pass
 
