@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from localproxy.smtp.pipe import MAX_REPLY_LINE, Pipe, ReplyError, ReplyParser
+from localproxy.smtp.pipe import MAX_REPLY_LINE, SMALL_MESSAGE, Pipe, ReplyError, ReplyParser
 
 REPLIES = (
     b"250 2.1.0 Ok\r\n",
@@ -58,11 +58,13 @@ class FakeTransport(asyncio.WriteTransport):
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
+        self.writes = 0
         self.closed = False
         self.protocol: asyncio.Protocol | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closed
@@ -176,6 +178,17 @@ async def test_message_goes_as_bdat_last_when_chunking_is_offered() -> None:
     await answer(upstream, b"250 2.0.0 queued\r\n")
     assert (await task).code == 250
     assert transport.written == b"BDAT %d LAST\r\n" % len(message) + message
+    assert transport.writes == 1, "a small message goes with its command in one write"
+
+
+async def test_a_large_message_goes_in_pieces_after_its_bdat_command() -> None:
+    upstream, transport = pipe(chunking="")
+    message = b"x" * (SMALL_MESSAGE + 10) + b"\r\n"
+    task = asyncio.ensure_future(upstream.send_message(message))
+    await answer(upstream, b"250 2.0.0 queued\r\n")
+    assert (await task).code == 250
+    assert transport.written == b"BDAT %d LAST\r\n" % len(message) + message
+    assert transport.writes > 1, "not copied into one buffer with the command"
 
 
 async def test_message_goes_as_dot_stuffed_data_otherwise() -> None:
