@@ -201,6 +201,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return Snapshot.from_json(json.dumps(answer["snapshot"]))
 
     snapshot = fetch()
+    if snapshot is None and args.json:  # scripts read stdout: JSON there too
+        print(json.dumps({"running": False, "config": str(config_path), "start": "localproxy run"}))
+        return EXIT_NOT_RUNNING
     if snapshot is None:
         console.print(render_not_running(config_path))
         return EXIT_NOT_RUNNING
@@ -210,15 +213,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(render(snapshot))
         return EXIT_OK
-    return _watch(console, fetch, render, render_not_running, config_path)
+    return _watch(console, snapshot, fetch, render, render_not_running, config_path)
 
 
-def _watch(console: Console, fetch, render, render_not_running, config_path: Path) -> int:
+def _watch(console: Console, first, fetch, render, render_not_running, config_path: Path) -> int:
     import time
 
     from rich.live import Live
 
-    with Live(render(fetch()), console=console, refresh_per_second=1, screen=False) as live:
+    with Live(render(first), console=console, refresh_per_second=1, screen=False) as live:
         try:
             while True:
                 time.sleep(2)
@@ -231,6 +234,8 @@ def _watch(console: Console, fetch, render, render_not_running, config_path: Pat
 def cmd_reload(args: argparse.Namespace) -> int:
     answer = _control(args, "reload")
     if not answer.get("ok"):
+        if "restarted" in answer:  # read, but an account could not take its new settings
+            raise UsageError(f"config reloaded, but {answer['error']}")
         raise UsageError(f"config not reloaded: {answer.get('error')}")
     restarted = ", ".join(answer["restarted"]) or "no account"
     Console().print(f"Config reloaded; restarted: {restarted}.")

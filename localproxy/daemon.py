@@ -19,7 +19,7 @@ import re
 import secrets
 import signal
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from localproxy.imap.relay import ImapProxy
 from localproxy.incoming import IncomingProcessor
 from localproxy.keys.store import KeyStore
 from localproxy.localtls import ensure_local_certificate, server_context
+from localproxy.mime import content_type_of, parse_headers, split_header_body
 from localproxy.secretbox import SecretBox, SecretBoxError
 from localproxy.smtp.outbox import Outbox, OutboxItem, OutboxWorker
 from localproxy.smtp.server import SmtpHandler, SmtpProxy, outbox_sender
@@ -195,7 +196,10 @@ class Daemon:
         # The same dict object is updated on reload, so the worker sees new settings.
         self.outbox_accounts = self._account_map()
         self.worker = OutboxWorker(
-            self.outbox, outbox_sender(self.outbox_accounts), on_failed=self._outbox_failed
+            self.outbox,
+            outbox_sender(self.outbox_accounts),
+            on_failed=self._outbox_failed,
+            on_delivered=self._outbox_delivered,
         )
         self._spawn(self.worker.run())
         self._control = await control.serve(self.config, self._command)
@@ -336,7 +340,8 @@ class Daemon:
     # ----------------------------------------------------------------------- reload
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config; restart only accounts whose settings changed."""
+        """Re-read the config; restart only accounts whose settings changed. An account
+        whose new settings cannot start (a port taken) keeps running as it was."""
         try:
             new = load_config(self.config_path)
         except Exception as exc:  # keep running on the old config, loudly
@@ -344,24 +349,45 @@ class Daemon:
             log.error("config not reloaded: %s", exc)
             return {"ok": False, "error": str(exc)}
         global_change = (new.policy, new.proxy) != (self.config.policy, self.config.proxy)
-        old_accounts = {a.name: a for a in self.config.accounts}
         self.config = new
-        changed = []
-        for name in set(old_accounts) | {a.name for a in new.accounts}:
-            wanted = next((a for a in new.accounts if a.name == name), None)
-            if wanted == old_accounts.get(name) and not global_change:
+        wanted = {a.name: a for a in new.accounts}
+        changed, failed = [], []
+        for name in sorted(set(self.accounts) | set(wanted)):
+            running = self.accounts.get(name)
+            if running is not None and running.account == wanted.get(name) and not global_change:
                 continue
             changed.append(name)
-            if (runtime := self.accounts.pop(name, None)) is not None:
-                await runtime.close()
-            if wanted is not None:
-                self.accounts[name] = await self._start_account(wanted)
+            if (error := await self._replace_account(name, wanted.get(name))) is not None:
+                failed.append(error)
         self.outbox_accounts.clear()
-        self.outbox_accounts.update(self._account_map())
-        message = f"config reloaded; restarted: {', '.join(sorted(changed)) or 'nothing'}"
-        self.state.event("info", "reload", message)
-        log.info(message)
-        return {"ok": True, "restarted": sorted(changed)}
+        self.outbox_accounts.update({name: rt.account for name, rt in self.accounts.items()})
+        message = f"config reloaded; restarted: {', '.join(changed) or 'nothing'}"
+        self.state.event("error" if failed else "info", "reload", "; ".join([message, *failed]))
+        (log.error if failed else log.info)("; ".join([message, *failed]))
+        if failed:
+            return {"ok": False, "error": "; ".join(failed), "restarted": changed}
+        return {"ok": True, "restarted": changed}
+
+    async def _replace_account(self, name: str, wanted: Account | None) -> str | None:
+        """Stop the account's listeners and start them with its new settings (none: it
+        was removed); on failure restart the old ones. Returns what went wrong."""
+        old = self.accounts.pop(name, None)
+        if old is not None:
+            await old.close()
+        if wanted is None:
+            return None
+        try:
+            self.accounts[name] = await self._start_account(wanted)
+            return None
+        except (DaemonError, OSError) as exc:
+            problem = f"account {name!r} not changed: {exc}"
+        if old is None:
+            return problem
+        try:
+            self.accounts[name] = await self._start_account(old.account)
+        except (DaemonError, OSError) as exc:
+            return f"{problem}; its old settings cannot start either: {exc}"
+        return f"{problem}; it keeps its old settings"
 
     # ----------------------------------------------------------------------- events
 
@@ -378,6 +404,10 @@ class Daemon:
             self.state.event(level, kind, str(text), account)
 
         return on_event
+
+    def _outbox_delivered(self, item: OutboxItem) -> None:
+        """A queued copy went out: it counts as sent like one sent at once."""
+        self._sink(item.account)(f"sent-{sent_kind(item.message)}", {"recipients": item.recipients})
 
     async def _outbox_failed(self, item: OutboxItem) -> None:
         self.state.event(
@@ -444,9 +474,9 @@ class Daemon:
                 service: _upstream_status(account, service, runtime.upstream.get(service))
                 for service in ("imap", "smtp")
             },
-            sessions={"imap": runtime.imap.session_count(), "smtp": runtime.smtp.sessions.active},
+            sessions={"imap": runtime.imap.session_count(), "smtp": _smtp_sessions(runtime)},
             counters_total=Counters(**since_start),
-            counters_today=Counters(**self.state.counters(name, datetime.now(UTC).date())),
+            counters_today=Counters(**self.state.counters(name, date.today())),
             outbox=self._outbox_status(name),
             own_key=self._own_key(name),
             recipients_known=self.store.count_recipients(),
@@ -512,6 +542,21 @@ def _upstream_status(
         expires_at=datetime.fromisoformat(tls["not_after"]) if tls else None,
         error=(result.get("error") or {}).get("message"),
     )
+
+
+def _smtp_sessions(runtime: AccountRuntime) -> int:
+    listeners = [runtime.smtp] + ([runtime.smtps] if runtime.smtps else [])
+    return sum(listener.sessions.active for listener in listeners)
+
+
+def sent_kind(message: bytes) -> str:
+    """ "encrypted", "signed" or "plain": what an outgoing copy's top-level type says."""
+    header, _sep, _body = split_header_body(message)
+    field = next((h for h in parse_headers(header) if h.name.lower() == "content-type"), None)
+    ctype, _params = content_type_of(field)
+    if ctype in ("multipart/encrypted", "application/pkcs7-mime", "application/x-pkcs7-mime"):
+        return "encrypted"
+    return "signed" if ctype == "multipart/signed" else "plain"
 
 
 def run_daemon(config_path: Path) -> int:

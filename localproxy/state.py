@@ -59,7 +59,7 @@ class State:
     def count(self, account: str, name: str, amount: int = 1, day: date | None = None) -> None:
         if name not in COUNTERS:
             raise ValueError(f"unknown counter {name!r}")
-        today = (day or datetime.now(UTC).date()).isoformat()
+        today = (day or date.today()).isoformat()  # the user's day: local midnight
         with self._lock:
             self._db.execute(
                 "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT(account, day, name) "

@@ -667,10 +667,12 @@ class OutboxWorker:
         poll_interval: float = 30.0,
         *,
         batch_size: int = 20,
+        on_delivered: Callable[[OutboxItem], None] = lambda item: None,
     ) -> None:
         self.outbox = outbox
         self._send = send
         self._on_failed = on_failed
+        self._on_delivered = on_delivered
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self._wakeup = asyncio.Event()
@@ -781,6 +783,10 @@ class OutboxWorker:
             self._settle(partial(self.outbox.retry_later, item.id, error))
             return "retry"
         self._settle(partial(self.outbox.delivered, item.id))
+        try:
+            self._on_delivered(item)
+        except Exception:  # counting must not stop the deliveries
+            log.exception("outbox item %s: on_delivered callback raised", item.id)
         return "delivered"
 
     def _settle(self, action: Callable[[], object]) -> None:

@@ -184,6 +184,59 @@ def test_sighup_applies_a_changed_port_and_keeps_serving(daemon, clean_provider)
         socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=1).close()
 
 
+def add_account(config: Path, provider: Provider, name: str, imap_port: int, smtp_port: int):
+    """Append a second account (the provider's user `name`) to a write_config() file."""
+    with config.open("a") as out:
+        out.write(f"""
+[[account]]
+name = "{name}"
+addresses = ["{name}@example.org"]
+[account.local]
+imap_port = {imap_port}
+smtp_port = {smtp_port}
+[account.upstream.imap]
+host = "{provider.hostname}"
+port = {provider.imaps_port}
+security = "tls"
+ca_file = "{provider.ca_file}"
+[account.upstream.smtp]
+host = "{provider.hostname}"
+port = {provider.submission_port}
+security = "starttls"
+ca_file = "{provider.ca_file}"
+""")
+
+
+def test_reload_to_a_taken_port_keeps_the_account_and_spares_the_others(clean_provider, tmp_path):
+    config = tmp_path / "config.toml"
+    alice, bob = (free_port(), free_port()), (free_port(), free_port())
+    write_config(config, clean_provider, *alice)
+    add_account(config, clean_provider, "bob", *bob)
+    env = {**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "run")}
+    running = launch(config, env, alice)
+    try:
+        wait_listening(bob[1])
+        alice_user = clean_provider.users["alice"]
+        with smtplib.SMTP("127.0.0.1", alice[1], timeout=30) as session:  # open across it
+            session.login(alice_user.login, alice_user.password)
+            with socket.create_server(("127.0.0.1", 0)) as taken:
+                write_config(config, clean_provider, *alice)
+                add_account(config, clean_provider, "bob", bob[0], taken.getsockname()[1])
+                answer = running.cli("reload")
+            assert answer.returncode == 2
+            assert "config reloaded, but account 'bob' not changed" in answer.stderr
+            assert "keeps its old settings" in answer.stderr
+            session.sendmail(alice_user.address, ["bob@example.org"], b"Subject: t\r\n\r\nx\r\n")
+        wait_listening(bob[1])  # bob still serves on its old port
+        send(clean_provider, alice[1])
+        assert len(clean_provider.wait_for_messages("bob", 2)) == 2
+        accounts = {a["name"] for a in status_json(running)["accounts"]}
+        assert accounts == {"alice", "bob"}
+    finally:
+        log = running.stop()
+    assert "not changed" in log and "Traceback" not in log
+
+
 def test_broken_config_on_reload_keeps_the_old_one(daemon, clean_provider):
     daemon.config.write_text(daemon.config.read_text() + "\nnot toml [\n")
     answer = daemon.cli("reload")  # the CLI itself names the mistake
@@ -274,6 +327,24 @@ def test_not_running_is_explained(clean_provider, tmp_path):
     )
     assert done.returncode == 3
     assert "not running" in done.stderr and "localproxy run" in done.stderr
+
+
+def test_status_json_when_not_running_is_json_too(clean_provider, tmp_path):
+    config = tmp_path / "config.toml"
+    write_config(config, clean_provider, free_port(), free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "localproxy", "--config", str(config), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "r")},
+    )
+    assert done.returncode == 3
+    assert json.loads(done.stdout) == {
+        "running": False,
+        "config": str(config),
+        "start": "localproxy run",
+    }
 
 
 def status_json(daemon: Running) -> dict:

@@ -179,8 +179,16 @@ def test_sigkill_while_the_outbox_is_sending_loses_nothing(clean_provider, tmp_p
         # once. (A kill between the provider's 250 and the commit may send it twice.)
         carol = clean_provider.stored_messages("carol")
         assert len(carol) == 1 and b"-----BEGIN PGP MESSAGE-----" in carol[0]
+        assert b"kill -9 proof" not in carol[0] and b"survives a crash" not in carol[0]
+        assert all(b"kill -9 proof" not in seen for seen in relay.data_seen[1:])
         assert len(clean_provider.stored_messages("bob")) == 1
         assert outbox_rows(db) == []
+        # Counted once each: bob's copy at once (before the kill: kept in today's
+        # counters), carol's from the outbox (since this start, and today).
+        account = status_json(restarted)["accounts"][0]
+        since_start, today = account["counters_total"], account["counters_today"]
+        assert (since_start["sent_plain"], since_start["sent_encrypted"]) == (0, 1)
+        assert (today["sent_plain"], today["sent_encrypted"]) == (1, 1)
     finally:
         restarted.stop()
         background.run(relay.close())

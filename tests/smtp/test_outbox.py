@@ -516,6 +516,22 @@ async def test_worker_delivers_when_woken(outbox: Outbox) -> None:
     assert task.done() and task.exception() is None
 
 
+async def test_only_delivered_items_reach_on_delivered(outbox: Outbox) -> None:
+    items = [add(outbox, n) for n in range(3)]
+    refused = {items[1].id: PermanentFailure("550 no"), items[2].id: TemporaryFailure("451")}
+    provider = FakeProvider(lambda item: refused.get(item.id))
+    delivered: list[str] = []
+
+    def on_delivered(item: OutboxItem) -> None:
+        delivered.append(item.id)
+        raise RuntimeError("a broken counter must not stop the worker")
+
+    worker = OutboxWorker(outbox, provider.send, provider.on_failed, on_delivered=on_delivered)
+    assert await worker.flush() == 1
+    assert delivered == [items[0].id]
+    assert [summary.id for summary in outbox.summaries()] == [items[1].id, items[2].id]
+
+
 async def test_worker_survives_send_and_callback_exceptions(outbox: Outbox) -> None:
     def script(item: OutboxItem) -> object:
         if item.message.endswith(b"0"):

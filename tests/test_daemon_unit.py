@@ -1,0 +1,24 @@
+"""Daemon pieces that need no running daemon."""
+
+from __future__ import annotations
+
+import pytest
+
+from localproxy.daemon import sent_kind
+
+
+@pytest.mark.parametrize(
+    ("content_type", "kind"),
+    [
+        ('multipart/encrypted; protocol="application/pgp-encrypted"; boundary=b', "encrypted"),
+        ("application/pkcs7-mime; smime-type=enveloped-data", "encrypted"),
+        ('multipart/signed; protocol="application/pgp-signature"; boundary=b', "signed"),
+        ("text/plain; charset=utf-8", "plain"),
+        (None, "plain"),
+    ],
+)
+def test_a_delivered_outbox_copy_counts_by_its_top_level_type(content_type, kind):
+    header = b"From: a@example.org\r\nTo: b@example.org\r\n"
+    if content_type is not None:
+        header += b"Content-Type: " + content_type.encode() + b"\r\n"
+    assert sent_kind(header + b"\r\nbody\r\n") == kind
