@@ -49,6 +49,7 @@ from localproxy.mime import (
     split_header_body,
     to_crlf,
 )
+from localproxy.secretbox import SecretBoxError
 
 AUTOCRYPT_MAX = 10 * 1024  # Autocrypt Level 1: the header must stay below 10 KiB
 
@@ -72,6 +73,7 @@ class Sender:
     secret: bytes | None = None
     public: bytes | None = None
     smime: smime.SmimeIdentity | None = None
+    locked: str | None = None  # why the account's own keys cannot be unlocked
 
 
 @dataclass
@@ -83,6 +85,11 @@ class _Plan:
     plain: list[str] = field(default_factory=list)
     sign_encrypted: bool = False
     sign_plain: bool = False
+
+    def needs_own_keys(self) -> bool:
+        """Whether any copy is encrypted or must be signed."""
+        encrypted = self.main or self.bcc or self.smime_main or self.smime_bcc
+        return bool(encrypted) or (self.sign_plain and bool(self.plain))
 
 
 def refusal_for_recipient(
@@ -113,6 +120,13 @@ def compose(
         return [Copy(tuple(recipients), entity.raw, "passthrough")]
     sender = own_sender(entity, account, store)
     plan = _plan(entity, recipients, account, policy, store)
+    if sender.locked and plan.needs_own_keys():
+        # Encrypted copies are signed (and readable in Sent) only with the own keys; a
+        # plain copy that policy allows anyway still goes out.
+        raise PolicyRefusal(
+            f"451 4.7.0 localproxy: the account's own keys cannot be unlocked "
+            f"({sender.locked}); nothing was sent"
+        )
     if sender.public is not None and policy.setting("autocrypt", account.policy):
         entity = autocrypt_entity(entity, sender, policy.setting("prefer_encrypt", account.policy))
     return _build(entity, plan, sender, engine) + _build_smime(entity, plan, sender)
@@ -309,10 +323,14 @@ def own_sender(entity, account: Account, store: KeyStore) -> Sender:
     address = email.utils.parseaddr(from_field.value)[1] if from_field else ""
     if not address or normalize_address(address) not in account.addresses:
         return Sender(address or None)
-    identity = own_identity(store, account.name, address)
+    try:
+        identity = own_identity(store, account.name, address)
+        own = store.own_keys(account.name)
+    except SecretBoxError as exc:
+        return Sender(normalize_address(address), locked=str(exc))
     usable = [
         (stored, secret)
-        for stored, secret in store.own_keys(account.name)
+        for stored, secret in own
         if stored.info.can_sign and stored.info.can_encrypt
     ]
     if not usable:

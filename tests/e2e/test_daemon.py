@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from localproxy.crypto.openpgp import default_engine
 from localproxy.sandbox.provider import Provider
 
 pytestmark = pytest.mark.e2e
@@ -422,20 +423,36 @@ def test_open_imap_sessions_get_bye_on_shutdown(daemon):
 
 
 def test_locked_keys_are_loud_and_never_mean_plaintext(clean_provider, tmp_path):
+    """Keyring locked: mail to carol (key known) is refused, not sent unprotected; mail
+    to bob (no key: plain by policy anyway) still goes out."""
     running = start_daemon(clean_provider, tmp_path)
     running.stop()
+    carol = tmp_path / "carol.asc"
+    engine = default_engine()
+    carol.write_bytes(engine.public_only(engine.generate_key(["carol@example.org"]).data))
+    assert running.cli("keys", "import", str(carol)).returncode == 0
     (tmp_path / "data" / "store.key").unlink()  # the keyring entry is gone
     locked = relaunch(running)
+    alice = clean_provider.users["alice"]
     try:
         account = status_json(locked)["accounts"][0]
         assert "cannot be unlocked" in " ".join(status_json(locked)["warnings"])
         assert account["own_key"]["problem"] and "keys restore" in account["own_key"]["problem"]
-        with pytest.raises(smtplib.SMTPDataError) as refused:
-            send(clean_provider, locked.smtp_port, b"must not leave in clear\r\n")
-        assert refused.value.smtp_code == 451
+        with smtplib.SMTP("127.0.0.1", locked.smtp_port, timeout=60) as smtp:
+            smtp.login(alice.login, alice.password)
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail(
+                    alice.address,
+                    ["carol@example.org"],
+                    b"From: alice@example.org\r\nTo: carol@example.org\r\n\r\nsecret\r\n",
+                )
+            assert refused.value.smtp_code == 451
+            assert b"own keys cannot be unlocked" in refused.value.smtp_error
+        send(clean_provider, locked.smtp_port, b"plain by policy\r\n")
+        assert b"plain by policy" in clean_provider.wait_for_messages("bob", 1)[0]
     finally:
         locked.stop()
-    assert clean_provider.stored_messages("bob") == []
+    assert clean_provider.stored_messages("carol") == []
 
 
 def test_a_stale_socket_file_does_not_block_the_start(clean_provider, tmp_path):
