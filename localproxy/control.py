@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -92,8 +93,23 @@ def uses_tcp() -> bool:
     return os.name == "nt" or os.environ.get("LOCALPROXY_CONTROL") == "tcp"
 
 
+class UnsafeRuntimeDir(Exception):
+    """The runtime directory is someone else's, or a link: the endpoint cannot live there."""
+
+
 def _private_dir(path: Path) -> None:
+    """Create the endpoint's directory private (0700); an existing one must be ours: in
+    a shared temp dir another user could have made it first, to answer in the
+    daemon's place."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.name != "posix":
+        return
+    info = path.lstat()  # the files in it are 0600 each, so a looser mode is the user's call
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+        raise UnsafeRuntimeDir(
+            f"{path} belongs to another user or is a link; remove it, or choose "
+            "another place with LOCALPROXY_RUNTIME_DIR"
+        )
 
 
 # --------------------------------------------------------------------------- single instance

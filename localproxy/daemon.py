@@ -331,6 +331,8 @@ class Daemon:
                 f"localproxy is already running for {self.config.proxy.data_dir}"
                 f" (pid {other}); see `localproxy status`"
             ) from None
+        except control.UnsafeRuntimeDir as exc:
+            raise DaemonError(f"cannot start: {exc}") from None
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -116,6 +116,26 @@ async def test_the_unix_socket_is_private(unix, config):
         server.close()
 
 
+@pytest.mark.skipif(os.name != "posix" or os.getuid() != 0, reason="needs chown (root)")
+async def test_a_runtime_dir_of_another_user_is_refused(transport, config, tmp_path):
+    """In a shared temp dir another user may have made our directory first."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, 65534, 65534)  # nobody
+    with pytest.raises(control.UnsafeRuntimeDir, match="belongs to another user"):
+        await control.serve(config, handler)
+    with pytest.raises(control.UnsafeRuntimeDir):
+        control.acquire_lock(config)
+
+
+async def test_a_runtime_dir_that_is_a_link_is_refused(transport, config, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "run").symlink_to(elsewhere)
+    with pytest.raises(control.UnsafeRuntimeDir, match="is a link"):
+        await control.serve(config, handler)
+
+
 async def test_stale_endpoints_mean_not_running(transport, config):
     """A daemon killed with SIGKILL leaves its socket or token file behind."""
     server = await control.serve(config, handler)
