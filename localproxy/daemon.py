@@ -28,7 +28,7 @@ from localproxy.aio import cancel_and_wait
 from localproxy.check import check_service
 from localproxy.config import Account, load_config
 from localproxy.crypto.openpgp import default_engine
-from localproxy.imap.relay import ImapProxy
+from localproxy.imap.relay import ImapProxy, ImapsListenError
 from localproxy.incoming import IncomingProcessor
 from localproxy.keys.store import KeyStore
 from localproxy.localtls import ensure_local_certificate, server_context
@@ -267,6 +267,8 @@ class Daemon:
         try:
             await start()
         except OSError as exc:
+            if isinstance(exc, ImapsListenError):
+                what, port = "IMAPS", exc.port
             if exc.errno == errno.EADDRINUSE:
                 raise DaemonError(
                     f"port {port} ({what} of account {runtime.account.name!r}) "

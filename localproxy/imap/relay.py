@@ -303,6 +303,9 @@ class ImapProxy:
                 ssl=self.tls_context,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
             )
+        except OSError as exc:
+            await self.close()
+            raise ImapsListenError(exc, local.imaps_port) from exc
         except BaseException:
             await self.close()
             raise
@@ -361,6 +364,14 @@ class ImapProxy:
             pass
         finally:
             self._sessions.discard(task)
+
+
+class ImapsListenError(OSError):
+    """The implicit-TLS listener could not start (the plain one did): says which port."""
+
+    def __init__(self, error: OSError, port: int) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.port = port
 
 
 def _bound_port(server: asyncio.Server | None) -> int:

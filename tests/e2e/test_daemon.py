@@ -158,11 +158,19 @@ def test_second_instance_is_refused_with_the_pid(daemon):
     assert "Traceback" not in second.stderr
 
 
-def test_a_taken_port_is_named(clean_provider, tmp_path):
+@pytest.mark.parametrize("what", ["SMTP", "IMAPS"])
+def test_a_taken_port_is_named(clean_provider, tmp_path, what):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         config = tmp_path / "config.toml"
-        write_config(config, clean_provider, free_port(), port)
+        if what == "SMTP":
+            write_config(config, clean_provider, free_port(), port)
+        else:  # the plain IMAP port is free: the message must not blame it
+            write_config(config, clean_provider, free_port(), free_port())
+            text = config.read_text().replace(
+                "[account.local]\n", f"[account.local]\nimaps_port = {port}\n"
+            )
+            config.write_text(text)
         done = subprocess.run(
             [sys.executable, "-m", "localproxy", "--config", str(config), "run"],
             capture_output=True,
@@ -171,7 +179,7 @@ def test_a_taken_port_is_named(clean_provider, tmp_path):
             env={**os.environ, "LOCALPROXY_RUNTIME_DIR": str(tmp_path / "r")},
         )
     assert done.returncode == 2
-    assert f"port {port} (SMTP of account 'alice') is already in use" in done.stderr
+    assert f"port {port} ({what} of account 'alice') is already in use" in done.stderr
 
 
 def test_sighup_applies_a_changed_port_and_keeps_serving(daemon, clean_provider):
