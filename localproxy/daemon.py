@@ -86,11 +86,28 @@ class _Redact(logging.Filter):
     ]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        for pattern in self._PATTERNS:
-            message = pattern.sub(r"\1<redacted>", message)
-        record.msg, record.args = message, None
+        record.msg, record.args = redacted(record.getMessage()), None
         return True
+
+
+def redacted(text: str) -> str:
+    for pattern in _Redact._PATTERNS:
+        text = pattern.sub(r"\1<redacted>", text)
+    return text
+
+
+class OneLineFormatter(logging.Formatter):
+    """One line per event, as journald and `grep` expect: a traceback's lines are joined
+    with " | " (and redacted like messages: an exception text can quote a command)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" not in text:
+            return text
+        return redacted(" | ".join(line for line in text.splitlines() if line.strip()))
 
 
 TRAFFIC_WARNING = (
@@ -110,11 +127,7 @@ def setup_logging(level: str, log_file: Path | None = None, log_traffic: bool = 
     root = logging.getLogger()
     root.handlers.clear()
     for handler in handlers:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
-            )
-        )
+        handler.setFormatter(OneLineFormatter())
         handler.addFilter(_Redact())
         root.addHandler(handler)
     root.setLevel(level.upper())
