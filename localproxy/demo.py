@@ -197,6 +197,10 @@ ca_file = "{p.ca_file}"
         seen = data[0][1]
         if b"the provider only ever sees ciphertext" in stored:
             raise DemoError("the provider stored the message in clear; this is a bug")
+        if b"the provider only ever sees ciphertext" not in seen:
+            raise DemoError("bob's client did not get the decrypted message; see daemon.log")
+        if b"signature=valid" not in seen.partition(b"\r\n\r\n")[0]:
+            raise DemoError("bob's client did not see alice's signature as valid")
         self.console.print(
             Columns(
                 [
