@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import signal
@@ -378,6 +379,38 @@ def test_status_json_reflects_the_traffic_exactly(daemon, clean_provider):
         ("imap", daemon.imap_port),
     }
     assert account["outbox"]["queued"] == 0
+
+
+def test_status_counts_encrypted_mail_both_ways(daemon, clean_provider):
+    """alice writes to herself: one copy sent encrypted (and signed, inside); fetched
+    through the proxy it counts as decrypted and verified, each exactly once."""
+    alice = clean_provider.users["alice"]
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=60) as smtp:
+        smtp.login(alice.login, alice.password)
+        smtp.sendmail(
+            alice.address,
+            [alice.address],
+            b"From: alice@example.org\r\nTo: alice@example.org\r\nSubject: n\r\n\r\nnote\r\n",
+        )
+    (stored,) = clean_provider.wait_for_messages("alice", 1)
+    assert b"multipart/encrypted" in stored and b"note" not in stored.partition(b"\r\n\r\n")[2]
+    client = imaplib.IMAP4("127.0.0.1", daemon.imap_port, timeout=60)
+    try:
+        client.login(alice.login, alice.password)
+        client.select("INBOX")
+        _typ, data = client.fetch("1", "(BODY.PEEK[])")
+        assert b"note" in data[0][1] and b"signature=valid" in data[0][1]
+    finally:
+        client.logout()
+    counters = status_json(daemon)["accounts"][0]["counters_total"]
+    assert counters == {
+        "sent_encrypted": 1,
+        "sent_signed": 0,
+        "sent_plain": 0,
+        "received_decrypted": 1,
+        "received_verified": 1,
+        "received_failed": 0,
+    }
 
 
 def test_status_view_renders_what_a_person_needs(daemon, clean_provider):
