@@ -1,90 +1,75 @@
 """An SMTP relay in front of the harness' Postfix that fails on cue.
 
 It terminates implicit TLS with the harness' own server certificate (so the
-proxy under test verifies it as usual), opens implicit TLS to Postfix's
-submissions port, and relays line by line, so it can see SMTP and fail at an
-exact point. After N accepted messages, the next transaction fails by mode:
+proxy under test verifies it as usual; `use_certificate` swaps it), opens implicit
+TLS to Postfix's submissions port, and relays line by line, so it can see SMTP and
+fail at an exact point. After N accepted messages, the next transaction fails by mode:
 
 - "drop": close both sides at MAIL;
 - "drop-at-auth": close both sides when the client sends AUTH;
 - "451": answer MAIL with 451;
 - "drop-in-data": pass MAIL, RCPT and part of the message, then close both sides;
 - "stall": pass the message but hold back its final "." and never answer, until
-  the client gives up and closes (Postfix then discards the partial message).
+  the client gives up and closes (Postfix then discards the partial message);
+- "drop-after-data": pass the whole message with its final "." and let Postfix
+  accept it, then close both sides instead of passing the 250 on;
+- "stall-after-data": the same, but keep the 250 and stay silent until the client
+  gives up and closes (Postfix has stored the message all the same).
 
 The relay hides CHUNKING from the client unless `chunking` is set; with it, a BDAT
 chunk fails the same ways ("drop-in-data": part of it; "stall": all but its last
-octet). While "down", every connection is refused. Every message body the relay saw
-(complete or not) is kept in `data_seen`, so tests can check what went out.
+octet; the after-data modes: a whole BDAT ... LAST chunk, then Postfix's reply is
+kept back). While "down", every connection is closed right after the handshake.
+Every message body the relay saw (complete or not) is kept in `data_seen`, so tests
+can check what went out. How the connection to the client ends (`close_style`:
+"close_notify", "no_close_notify", "rst") and the handshake counts come from
+`TlsFaultRelay` (tcp_faults.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from typing import Literal
 
 from localproxy.sandbox.provider import Provider
+from tests.harness.tcp_faults import TlsFaultRelay
 
-Mode = Literal["drop", "drop-at-auth", "451", "drop-in-data", "stall"]
+Mode = Literal[
+    "drop", "drop-at-auth", "451", "drop-in-data", "stall", "drop-after-data", "stall-after-data"
+]
 IN_DATA_MODES = ("drop-in-data", "stall")
+AFTER_DATA_MODES = ("drop-after-data", "stall-after-data")
 DROP_AFTER_BYTES = 512  # "drop-in-data" forwards about this much of the message
 
 
-class SmtpFaultRelay:
+class SmtpFaultRelay(TlsFaultRelay):
     def __init__(self, provider: Provider) -> None:
-        self.provider = provider
+        super().__init__(provider)
         self.accepted = 0  # messages Postfix accepted through this relay
         self.fail_after: int | None = None  # fail the transaction after this many
         self.mode: Mode = "drop"  # see the module docstring
-        self.down = False  # refuse every new connection
+        self.down = False  # close every new connection at once
         self.chunking = False  # pass the provider's CHUNKING (BDAT) on to the client
         self.verbs: list[bytes] = []  # every command verb the client sent
         self.faults = 0  # how many times a fault was injected
         self.data_seen: list[bytes] = []  # each message body received from the client
-        self.port = 0
-        self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> int:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.provider.ca.cert_file, self.provider.ca.key_file)
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ctx)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.down:
-            writer.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection(
+            self.provider.host,
+            self.provider.submissions_port,
+            ssl=self.provider.ssl_context(),
+            server_hostname=self.provider.hostname,
+        )
         try:
-            up_reader, up_writer = await asyncio.open_connection(
-                self.provider.host,
-                self.provider.submissions_port,
-                ssl=self.provider.ssl_context(),
-                server_hostname=self.provider.hostname,
-            )
-            await self._relay(reader, writer, up_reader, up_writer)
-        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
+            await self._smtp(reader, writer, up_reader, up_writer)
         finally:
-            self._tasks.discard(task)
-            for w in (writer, locals().get("up_writer")):
-                if w is not None:
-                    w.close()
+            up_writer.close()
 
-    async def _relay(
+    async def _smtp(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -116,13 +101,17 @@ class SmtpFaultRelay:
                 reply = await _reply(up_reader)
                 writer.write(reply)
                 if reply.startswith(b"354"):
-                    if self._failing() and self.mode in IN_DATA_MODES:
+                    failing = self._failing()
+                    if failing and self.mode in IN_DATA_MODES:
                         self.faults += 1
                         await self._fail_in_data(reader, up_writer)
                         return
                     self.data_seen.append(await _copy_data(reader, up_writer))
                     final = await _reply(up_reader)
                     self.accepted += final.startswith(b"250")
+                    if failing and self.mode in AFTER_DATA_MODES:
+                        await self._fail_after_data(reader)
+                        return
                     writer.write(final)
                 continue
             writer.write(await _reply(up_reader))
@@ -139,7 +128,8 @@ class SmtpFaultRelay:
     ) -> bool:
         """Relay one BDAT chunk; False once the connection is to end."""
         chunk = await reader.readexactly(int(line.split()[1]))
-        if self._failing() and self.mode in IN_DATA_MODES:
+        failing, last = self._failing(), b"LAST" in line.upper()
+        if failing and self.mode in IN_DATA_MODES:
             self.faults += 1
             keep = DROP_AFTER_BYTES if self.mode == "drop-in-data" else len(chunk) - 1
             up_writer.write(line + chunk[:keep])  # never the whole chunk: nothing is stored
@@ -152,7 +142,10 @@ class SmtpFaultRelay:
         up_writer.write(line + chunk)
         self.data_seen.append(chunk)
         reply = await _reply(up_reader)
-        self.accepted += reply.startswith(b"250") and b"LAST" in line.upper()
+        self.accepted += reply.startswith(b"250") and last
+        if failing and last and self.mode in AFTER_DATA_MODES:
+            await self._fail_after_data(reader)
+            return False
         writer.write(reply)
         return True
 
@@ -169,6 +162,12 @@ class SmtpFaultRelay:
         with contextlib.suppress(ConnectionError):
             await up_writer.drain()
         if self.mode == "stall":
+            await _silent_until_closed(reader)
+
+    async def _fail_after_data(self, reader: asyncio.StreamReader) -> None:
+        """Postfix answered the end of the data; the client never hears it."""
+        self.faults += 1
+        if self.mode == "stall-after-data":
             await _silent_until_closed(reader)
 
 

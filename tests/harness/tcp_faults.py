@@ -14,8 +14,10 @@ How it dies (`close_style`): "close_notify" (an orderly TLS shutdown), "no_close
 reset). `trickle`: the provider's bytes reach the client in pieces of this many bytes,
 1 ms apart (a slow or fragmenting network).
 
-`BackgroundLoop` runs such relays (or `SmtpFaultRelay`) on an event loop of their
-own in a thread, so a `localproxy run` subprocess can be pointed at them.
+`TlsFaultRelay` is the front both this relay and `SmtpFaultRelay` share: TLS
+termination with a swappable certificate, handshake counts, and the close style.
+`BackgroundLoop` runs such relays on an event loop of their own in a thread, so a
+`localproxy run` subprocess can be pointed at them.
 """
 
 from __future__ import annotations
@@ -50,20 +52,17 @@ class BackgroundLoop:
         self._thread.join(10)
 
 
-class ImapFaultRelay:
+class TlsFaultRelay:
+    """Accepts TCP on 127.0.0.1, terminates TLS with the current certificate, hands the
+    connection to `_relay`, and closes it by `close_style` however `_relay` ended."""
+
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
         self.port = 0
         self.connections = 0  # TCP connections accepted
         self.handshakes = 0  # TLS handshakes completed
         self.handshake_failures = 0
-        self.received = b""  # what clients sent after a completed handshake
-        self.cut_on: bytes | None = None
-        self.cut_extra = 0
-        self.cut_reply = False
         self.close_style: CloseStyle = "close_notify"
-        self.trickle: int | None = None
-        self.cuts = 0
         self._ctx = self._context(provider.ca.cert_file, provider.ca.key_file)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,7 +94,6 @@ class ImapFaultRelay:
         assert task is not None
         self._tasks.add(task)
         self.connections += 1
-        up_writer: asyncio.StreamWriter | None = None
         try:
             try:
                 await writer.start_tls(self._ctx)
@@ -103,28 +101,44 @@ class ImapFaultRelay:
                 self.handshake_failures += 1
                 return
             self.handshakes += 1
-            up_reader, up_writer = await asyncio.open_connection(
-                self.provider.host,
-                self.provider.imaps_port,
-                ssl=self.provider.ssl_context(),
-                server_hostname=self.provider.hostname,
-            )
-            reply_cut = asyncio.Event()  # the client sent the marker: cut the answer
-            down = asyncio.create_task(self._down(up_reader, writer, reply_cut))
-            up = asyncio.create_task(self._up(reader, up_writer, reply_cut))
-            try:
-                await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task_ in (up, down):
-                    task_.cancel()
-                await asyncio.gather(up, down, return_exceptions=True)
+            await self._relay(reader, writer)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
             self._tasks.discard(task)
-            if up_writer is not None:
-                up_writer.close()
-            _close(writer, self.close_style)
+            close_as(writer, self.close_style)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ImapFaultRelay(TlsFaultRelay):
+    def __init__(self, provider: Provider) -> None:
+        super().__init__(provider)
+        self.received = b""  # what clients sent after a completed handshake
+        self.cut_on: bytes | None = None
+        self.cut_extra = 0
+        self.cut_reply = False
+        self.trickle: int | None = None
+        self.cuts = 0
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            self.provider.host,
+            self.provider.imaps_port,
+            ssl=self.provider.ssl_context(),
+            server_hostname=self.provider.hostname,
+        )
+        reply_cut = asyncio.Event()  # the client sent the marker: cut the answer
+        down = asyncio.create_task(self._down(up_reader, writer, reply_cut))
+        up = asyncio.create_task(self._up(reader, up_writer, reply_cut))
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task_ in (up, down):
+                task_.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            up_writer.close()
 
     async def _up(
         self,
@@ -185,7 +199,8 @@ class ImapFaultRelay:
                 await asyncio.sleep(0.001)
 
 
-def _close(writer: asyncio.StreamWriter, style: CloseStyle) -> None:
+def close_as(writer: asyncio.StreamWriter, style: CloseStyle) -> None:
+    """Close the connection to the client the way `style` says."""
     if style == "close_notify":
         writer.close()
         return
