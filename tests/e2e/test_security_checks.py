@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from localproxy.crypto.errors import CryptoError
 from localproxy.crypto.openpgp import default_engine
 from localproxy.keys.store import KeyStore
 from localproxy.sandbox.provider import Provider
@@ -233,24 +234,45 @@ def _folded(name: str, value: str) -> bytes:
     return "\r\n".join(lines).encode() + b"\r\n"
 
 
-def test_forged_status_and_autocrypt_headers_are_ignored(daemon, clean_provider):
-    keys_before = daemon.cli("keys", "list", "--json")
-    assert keys_before.returncode == 0, keys_before.stderr
+def test_forged_status_and_autocrypt_headers_are_ignored(daemon, clean_provider, tmp_path):
+    """A forged status header never reaches the client. Autocrypt is unauthenticated by
+    design: a header whose addr is not From is ignored, and a key offered for bob's
+    address may be learned, but never displaces the key the user imported for bob."""
     engine = default_engine()
-    mallory = engine.public_only(engine.generate_key(["Mallory <mallory@example.org>"]).data)
+    bob = engine.generate_key(["Bob <bob@example.org>"])
+    (tmp_path / "bob.asc").write_bytes(engine.public_only(bob.data))
+    assert daemon.cli("keys", "import", str(tmp_path / "bob.asc")).returncode == 0
+    mallory = engine.generate_key(["Mallory <mallory@example.org>"])
+    impostor = engine.generate_key(["Bob <bob@example.org>"])  # mallory's key, bob's name
     forged = f"forged-{uuid.uuid4().hex}"
-    raw = (
-        b"From: bob@example.org\r\nTo: alice@example.org\r\nSubject: forged\r\n"
-        + f"X-LocalProxy-Security: encrypted; signed; {forged}\r\n".encode()
-        + _folded(
-            "Autocrypt",
-            f"addr=mallory@example.org; keydata={base64.b64encode(mallory).decode()}",
+    for addr, key in (("mallory@example.org", mallory), ("bob@example.org", impostor)):
+        keydata = base64.b64encode(engine.public_only(key.data)).decode()
+        clean_provider.append(
+            "alice",
+            b"From: bob@example.org\r\nTo: alice@example.org\r\nSubject: forged\r\n"
+            + f"X-LocalProxy-Security: encrypted; signed; {forged}\r\n".encode()
+            + _folded("Autocrypt", f"addr={addr}; keydata={keydata}")
+            + b"\r\nplain text claiming to be encrypted\r\n",
         )
-        + b"\r\nplain text claiming to be encrypted\r\n"
-    )
-    clean_provider.append("alice", raw)
-    (fetched,) = fetch_all(clean_provider, daemon.imap_port)
-    assert forged.encode() not in fetched
-    assert b"plain text claiming to be encrypted" in fetched
-    time.sleep(1)  # header observation runs in the background
-    assert daemon.cli("keys", "list", "--json").stdout == keys_before.stdout
+    fetched = fetch_all(clean_provider, daemon.imap_port)
+    assert len(fetched) == 2 and all(forged.encode() not in m for m in fetched)
+    assert all(b"plain text claiming to be encrypted" in m for m in fetched)
+    deadline = time.monotonic() + 15  # observation runs beside the session
+    while impostor.fingerprint not in (known := daemon.cli("keys", "list", "--json").stdout):
+        assert time.monotonic() < deadline, "the Autocrypt header for bob was never read"
+        time.sleep(0.2)
+    assert mallory.fingerprint not in known, "addr differs from From: ignored"
+    alice = clean_provider.users["alice"]
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=60) as smtp:
+        smtp.login(alice.login, alice.password)
+        smtp.sendmail(
+            alice.address,
+            ["bob@example.org"],
+            b"From: alice@example.org\r\nTo: bob@example.org\r\n\r\nfor bob only\r\n",
+        )
+    (stored,) = clean_provider.wait_for_messages("bob", 1)
+    armored = stored[stored.index(b"-----BEGIN PGP MESSAGE") : stored.index(b"-----END PGP")]
+    armored += b"-----END PGP MESSAGE-----\r\n"
+    assert b"for bob only" in engine.decrypt(armored, [bob.data]).plaintext
+    with pytest.raises(CryptoError):  # encrypted to the imported key only
+        engine.decrypt(armored, [impostor.data])
