@@ -33,9 +33,10 @@ from localproxy.incoming import IncomingProcessor
 from localproxy.keys.store import KeyStore
 from localproxy.localtls import ensure_local_certificate, server_context
 from localproxy.mime import content_type_of, parse_headers, split_header_body
+from localproxy.notice import failure_report, put_in_inbox
 from localproxy.secretbox import SecretBox, SecretBoxError
 from localproxy.smtp.outbox import Outbox, OutboxItem, OutboxWorker
-from localproxy.smtp.server import SmtpHandler, SmtpProxy, outbox_sender
+from localproxy.smtp.server import Credentials, SmtpHandler, SmtpProxy, outbox_sender
 from localproxy.state import State
 from localproxy.status import (
     AccountStatus,
@@ -433,6 +434,29 @@ class Daemon:
             f"gave up sending to {', '.join(item.recipients)}: {item.last_error}",
             item.account,
         )
+        account = self.outbox_accounts.get(item.account)
+        if account is None or not item.readable:
+            return  # nobody to log in as: the status event is all there is
+        await self._report_in_inbox(account, item)
+
+    async def _report_in_inbox(self, account: Account, item: OutboxItem) -> None:
+        """A bounce-style report in the account's INBOX (notice.py); best effort."""
+        credentials = Credentials.from_bytes(item.credentials)
+        report = failure_report(
+            account.addresses[0],
+            item.recipients,
+            item.last_error or "permanent failure",
+            item.message,
+            item.created,
+            item.attempts,
+        )
+        login = (credentials.mechanism, credentials.username, credentials.secret)
+        try:
+            await put_in_inbox(account, login, report)
+        except Exception as exc:  # the failure is in status and the log already
+            log.warning("could not put the delivery report into %s's INBOX: %s", account.name, exc)
+            return
+        log.info("delivery report for %s put into the INBOX", ", ".join(item.recipients))
 
     async def _check_loop(self) -> None:
         while True:

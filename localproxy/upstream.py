@@ -265,6 +265,13 @@ class LoginFailed(Exception):
 
 
 async def imap_login(conn: ImapUpstream, username: str, password: str) -> str:
+    """imap_authenticate(), then LOGOUT: a login check."""
+    answer = await imap_authenticate(conn, username, password)
+    conn.writer.write(b"LP5 LOGOUT\r\n")
+    return answer
+
+
+async def imap_authenticate(conn: ImapUpstream, username: str, password: str) -> str:
     """Authenticate with AUTHENTICATE PLAIN when offered, else LOGIN; return the OK text."""
     conn.writer.write(b"LP3 CAPABILITY\r\n")
     caps = (await _stream_tagged(conn.reader, b"LP3")).upper().split()
@@ -286,11 +293,45 @@ async def imap_login(conn: ImapUpstream, username: str, password: str) -> str:
         )
     else:
         conn.writer.write(b"LP4 LOGIN " + _quoted(username) + b" " + _quoted(password) + b"\r\n")
-    answer = (await _stream_tagged(conn.reader, b"LP4")).splitlines()[-1]
-    if not answer.startswith(b"LP4 OK"):
-        raise LoginFailed(_show(answer.removeprefix(b"LP4 ")))
-    conn.writer.write(b"LP5 LOGOUT\r\n")
-    return _show(answer.removeprefix(b"LP4 "))
+    return await _tagged_ok(conn, b"LP4", LoginFailed)
+
+
+async def imap_authenticate_xoauth2(conn: ImapUpstream, username: str, token: str) -> str:
+    """AUTHENTICATE XOAUTH2 (Gmail, Microsoft 365) with an OAuth access token."""
+    blob = base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode())
+    conn.writer.write(b"LP4 AUTHENTICATE XOAUTH2 " + blob + b"\r\n")
+    first = await conn.reader.readline()
+    if first.startswith(b"+"):  # error details as a challenge (RFC 7628 3.2.2): end it
+        conn.writer.write(b"\r\n")
+        first = b""
+    return await _tagged_ok(conn, b"LP4", LoginFailed, first=first)
+
+
+async def imap_append(conn: ImapUpstream, mailbox: bytes, message: bytes) -> str:
+    """APPEND one message (CRLF line ends) to a mailbox after authentication; the OK
+    text, or UpstreamReply with the server's refusal."""
+    conn.writer.write(b"LP6 APPEND %s {%d}\r\n" % (_quoted(mailbox.decode()), len(message)))
+    line = await conn.reader.readline()
+    if not line.startswith(b"+"):
+        return await _tagged_ok(conn, b"LP6", UpstreamReply, first=line)
+    conn.writer.write(message + b"\r\n")
+    return await _tagged_ok(conn, b"LP6", UpstreamReply)
+
+
+class UpstreamReply(Exception):
+    """The server refused a command; str() is its answer."""
+
+
+async def _tagged_ok(
+    conn: ImapUpstream, tag: bytes, error: type[Exception], first: bytes = b""
+) -> str:
+    collected = first
+    if not first.startswith(tag + b" "):
+        collected += await _stream_tagged(conn.reader, tag)
+    answer = collected.splitlines()[-1].removeprefix(tag + b" ")
+    if not answer.startswith(b"OK"):
+        raise error(_show(answer))
+    return _show(answer)
 
 
 def _quotable(value: str) -> bool:

@@ -19,7 +19,11 @@ from pathlib import Path
 import pytest
 
 from localproxy.crypto.openpgp import default_engine
+from localproxy.keys.store import KeyStore
 from localproxy.sandbox.provider import Provider
+from localproxy.secretbox import SecretBox
+from localproxy.smtp.outbox import Outbox
+from localproxy.smtp.server import Credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -411,6 +415,36 @@ def test_status_counts_encrypted_mail_both_ways(daemon, clean_provider):
         "received_verified": 1,
         "received_failed": 0,
     }
+
+
+def test_a_copy_that_fails_for_good_is_reported_in_the_inbox(daemon, clean_provider):
+    """The client got 250 long ago: the user learns of the failure from a delivery
+    report in their INBOX (besides the log and status)."""
+    alice = clean_provider.users["alice"]
+    data_dir = daemon.config.parent / "data"
+    with KeyStore(data_dir) as store:
+        outbox = Outbox(data_dir / "outbox.sqlite", SecretBox(store.store_key.key))
+    credentials = Credentials("PLAIN", alice.login, alice.password).to_bytes()
+    copy = b"From: alice@example.org\r\nTo: carol@example.org\r\nSubject: q\r\n\r\ntext\r\n"
+    refusal = "550 5.1.1 <carol@example.org>: Recipient address rejected"
+    outbox.add(
+        "alice",
+        alice.address,
+        ["carol@example.org"],
+        copy,
+        credentials,
+        error=refusal,
+        permanent=True,
+    )
+    outbox.close()
+    assert daemon.cli("outbox", "flush").returncode == 0
+    (report,) = clean_provider.wait_for_messages("alice", 1)
+    assert b"Subject: Undelivered mail: 1 recipient(s)" in report
+    assert b"report-type=delivery-status" in report
+    assert b"Final-Recipient: rfc822; carol@example.org" in report and b"Status: 5.1.1" in report
+    assert b"\r\ntext\r\n" not in report
+    events = status_json(daemon)["events"]
+    assert any("gave up sending to carol@example.org" in e["message"] for e in events)
 
 
 def test_status_view_renders_what_a_person_needs(daemon, clean_provider):

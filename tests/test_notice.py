@@ -1,0 +1,54 @@
+"""The delivery report put into the INBOX when a queued copy fails for good."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import UTC, datetime
+
+from localproxy.notice import failure_report
+
+COPY = (
+    b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: ...\r\n"
+    b"Message-ID: <m1@example.org>\r\nX-Mailer: client\r\n"
+    b"Content-Type: multipart/encrypted; boundary=x;\r\n protocol=application/pgp-encrypted\r\n"
+    b"\r\nthe copy's body never goes into the report\r\n"
+)
+
+
+def report(error: str = "550 5.1.1 <carol@example.org>: Recipient address rejected"):
+    raw = failure_report(
+        "alice@example.org",
+        ("carol@example.org", "dave@example.org"),
+        error,
+        COPY,
+        datetime(2026, 12, 1, 10, 0, tzinfo=UTC),
+        3,
+    )
+    return raw, email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def test_a_report_is_rfc3464_with_every_recipient():
+    raw, message = report()
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message["To"].addresses[0].addr_spec == "alice@example.org"
+    text, status, headers = message.iter_parts()
+    assert text.get_content_type() == "text/plain"
+    assert "carol@example.org" in text.get_content() and "tried 3 time(s)" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    assert raw.count(b"Final-Recipient: rfc822;") == 2
+    assert raw.count(b"Status: 5.1.1") == 2
+    assert headers.get_content_type() == "text/rfc822-headers"
+
+
+def test_the_report_shows_the_outer_header_and_never_the_text():
+    raw, _message = report()
+    assert b"Message-ID: <m1@example.org>" in raw and b"Subject: ...\r\n" in raw
+    assert b"X-Mailer" not in raw and b"never goes into the report" not in raw
+
+
+def test_without_an_enhanced_code_the_status_is_permanent_other():
+    raw, _message = report("554 Transaction failed")
+    assert b"Status: 5.0.0" in raw and b"Diagnostic-Code: smtp; 554 Transaction failed" in raw
