@@ -262,6 +262,24 @@ def test_broken_config_on_reload_keeps_the_old_one(daemon, clean_provider):
     assert "config not reloaded" in daemon.stop()
 
 
+def test_sigterm_in_the_middle_of_data_answers_421_and_sends_nothing(daemon, clean_provider):
+    """The client is half-way through its message when the daemon is told to stop: it
+    hears 421 (RFC 5321 3.8: try again later), so it keeps the message; nothing of the
+    half message reaches the provider."""
+    alice = clean_provider.users["alice"]
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as smtp:
+        smtp.login(alice.login, alice.password)
+        smtp.mail(alice.address)
+        smtp.rcpt("bob@example.org")
+        assert smtp.docmd("DATA")[0] == 354
+        smtp.send(b"From: alice@example.org\r\nTo: bob@example.org\r\n\r\nfirst half\r\n")
+        daemon.process.send_signal(signal.SIGTERM)
+        code, text = smtp.getreply()
+        assert (code, text) == (421, b"4.3.2 localproxy is shutting down, try again later")
+    assert daemon.process.wait(30) == 0
+    assert clean_provider.stored_messages("bob") == []
+
+
 def test_sigterm_during_data_loses_nothing(daemon, clean_provider):
     body = (b"x" * 76 + b"\r\n") * 60_000  # ~4.7 MB: DATA takes a moment
     outcome: dict[str, object] = {}
