@@ -29,6 +29,7 @@ from localproxy.config import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_TEMPFAIL = 75  # sysexits.h EX_TEMPFAIL: worth a retry (the service manager restarts)
 ENV_PASSWORD = "LOCALPROXY_PASSWORD"
 
 Handler = Callable[[argparse.Namespace], int]
@@ -36,6 +37,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 class UsageError(Exception):
     """Bad arguments that argparse cannot see; printed as one line, exit 2."""
+
+
+class TemporaryError(Exception):
+    """Could work a moment later (a port still held); printed as one line, exit 75."""
 
 
 class NotRunningError(Exception):
@@ -172,13 +177,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from localproxy.daemon import DaemonError, run_daemon, setup_logging
+    from localproxy.daemon import DaemonError, ListenError, run_daemon, setup_logging
 
     config_path = resolve_config_path(args.config)
     config = load_config(config_path)
     setup_logging(args.log_level or config.proxy.log_level, args.log_file, args.log_traffic)
     try:
         return run_daemon(config_path)
+    except ListenError as exc:
+        raise TemporaryError(str(exc)) from None
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
 
@@ -338,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USAGE
+    except TemporaryError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return EXIT_TEMPFAIL
     except NotRunningError as exc:
         err.print(
             f"{escape(str(exc))}\nStart it with [bold]localproxy run[/] or as a "

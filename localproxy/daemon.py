@@ -71,7 +71,12 @@ _LEVELS = {
 
 
 class DaemonError(Exception):
-    """The daemon cannot start; str() says why and what to do."""
+    """The daemon cannot run as configured; str() says why and what to do."""
+
+
+class ListenError(DaemonError):
+    """A port is in use, maybe only for now (held by a program that is exiting): a
+    restart by the service manager may well succeed."""
 
 
 # --------------------------------------------------------------------------- logging
@@ -284,7 +289,7 @@ class Daemon:
             if isinstance(exc, ImapsListenError):
                 what, port = "IMAPS", exc.port
             if exc.errno == errno.EADDRINUSE:
-                raise DaemonError(
+                raise ListenError(
                     f"port {port} ({what} of account {runtime.account.name!r}) "
                     "is already in use by another program; choose another "
                     f"port in {self.config_path}"
