@@ -770,8 +770,7 @@ def start_provider(root: Path) -> Provider:
 
 def _make_users() -> dict[str, User]:
     return {
-        name: User(name, f"{name}@{DOMAIN}", f"{name}@{DOMAIN}", _password())
-        for name in USER_NAMES
+        name: User(name, f"{name}@{DOMAIN}", f"{name}@{DOMAIN}", _password()) for name in USER_NAMES
     }
 
 
