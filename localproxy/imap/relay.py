@@ -108,6 +108,9 @@ TRAFFIC_CHARS = 200
 MiB = 1024 * 1024
 DEFAULT_MAX_LITERAL = 64 * MiB
 READ_SIZE = 64 * 1024
+# Writes to the provider go out in pieces of this size, each due within the upstream
+# timeout: a provider that stops reading is found out, a slow link is not taken for one.
+WRITE_CHUNK = 256 * 1024
 CRLF = b"\r\n"
 
 # The view computes BINARY[...] and BINARY.SIZE (RFC 3516), so BINARY may be offered;
@@ -536,6 +539,10 @@ class ImapSession:
         # set while the client parser expects a DONE or SASL line instead of a command
         self.client_mode: str | None = None
         self.upstream_said_bye = False
+        # The timeout of the upstream read in progress: armed while the provider owes an
+        # answer (see _watch_provider); `writing` counts writes to it in progress.
+        self.read_timer: asyncio.Timeout | None = None
+        self.writing = 0
         # UID of each sequence number in the selected mailbox, None where not learned
         # yet; the whole map None when it may be wrong. Kept exact from the EXISTS,
         # EXPUNGE and FETCH responses, in the order the provider sent them.
@@ -809,12 +816,42 @@ class ImapSession:
             await self._write_upstream(chunk.literal)
 
     async def _write_upstream(self, data: bytes) -> None:
+        """Send to the provider; each WRITE_CHUNK must leave within the upstream timeout.
+        While sending, the provider owes no answer yet (a big literal on a slow link)."""
         assert self.upstream is not None
+        writer, limit = self.upstream.writer, self.account.imap.timeout
+        view = memoryview(data)
+        self.writing += 1
+        self._watch_provider()
         try:
-            self.upstream.writer.write(data)
-            await self.upstream.writer.drain()
+            for start in range(0, len(view), WRITE_CHUNK):
+                writer.write(view[start : start + WRITE_CHUNK])
+                timer = asyncio.timeout(limit)
+                try:
+                    async with timer:
+                        await writer.drain()
+                except TimeoutError as exc:
+                    if not timer.expired():
+                        raise
+                    text = f"the provider took no data for {limit:g} s (timeout)"
+                    raise _UpstreamBroken(text) from exc
         except OSError as exc:
             raise _UpstreamBroken(f"sending to the provider failed ({exc})") from exc
+        finally:
+            self.writing -= 1
+            self._watch_provider()
+
+    def _watch_provider(self) -> None:
+        """Time the provider while it owes an answer: a command is in flight, it is not
+        the client's turn (IDLE, a SASL challenge) and the relay is not still sending.
+        The clock restarts with every read, so only silence counts, not a slow answer."""
+        timer = self.read_timer
+        if timer is None or timer.expired():
+            return
+        if not self.pending or self.client_mode is not None or self.writing:
+            timer.reschedule(None)
+        elif timer.when() is None:
+            timer.reschedule(asyncio.get_running_loop().time() + self.account.imap.timeout)
 
     async def _upstream_continuation(self, tag: bytes) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -1018,10 +1055,20 @@ class ImapSession:
 
     async def _read_upstream(self) -> bytes:
         assert self.upstream is not None
+        timer = asyncio.timeout(None)
         try:
-            data = await self.upstream.reader.read(READ_SIZE)
-        except OSError as exc:
+            async with timer:
+                self.read_timer = timer
+                self._watch_provider()
+                data = await self.upstream.reader.read(READ_SIZE)
+        except OSError as exc:  # TimeoutError included
+            if isinstance(exc, TimeoutError) and timer.expired():
+                limit = self.account.imap.timeout
+                text = f"the provider did not answer within {limit:g} s (timeout)"
+                raise _UpstreamBroken(text) from exc
             raise _UpstreamBroken(f"connection to the provider failed ({exc!r})") from exc
+        finally:
+            self.read_timer = None
         if not data:
             raise _UpstreamBroken("the provider closed the connection")
         return data

@@ -369,7 +369,7 @@ def test_however_the_provider_dies_the_client_is_told(
     assert clean_provider.stored_messages("alice") == [], "nothing half-stored"
 
 
-@pytest.mark.parametrize("style", ["close_notify", "rst"])
+@pytest.mark.parametrize("style", ["close_notify", "no_close_notify", "rst"])
 def test_provider_dies_during_a_fetch_of_a_large_literal(
     clean_provider, imap_relay, behind_relay, style
 ):

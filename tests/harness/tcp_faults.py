@@ -14,6 +14,15 @@ How it dies (`close_style`): "close_notify" (an orderly TLS shutdown), "no_close
 reset). `trickle`: the provider's bytes reach the client in pieces of this many bytes,
 1 ms apart (a slow or fragmenting network).
 
+A provider that stalls instead: with `stall_greeting` the relay completes the TLS
+handshake and then never sends a byte (it does not even reach Dovecot); with `stall_on`
+it relays normally until the client's bytes contain that marker, then swallows the
+client's bytes from the marker on and the provider's from then on, holding both
+connections open (`stalls` counts either); with `stall_reads` as well it stops reading
+the client's bytes there, so the client's sends block once the buffers are full (a
+provider that takes no more data). `drop_connections()` ends every open
+connection right now, by `close_style` (the provider dies while the client is idle).
+
 `TlsFaultRelay` is the front both this relay and `SmtpFaultRelay` share: TLS
 termination with a swappable certificate, handshake counts, and the close style.
 `BackgroundLoop` runs such relays on an event loop of their own in a thread, so a
@@ -121,8 +130,25 @@ class ImapFaultRelay(TlsFaultRelay):
         self.cut_reply = False
         self.trickle: int | None = None
         self.cuts = 0
+        self.stall_greeting = False
+        self.stall_on: bytes | None = None
+        self.stall_reads = False
+        self.stalls = 0
+
+    async def drop_connections(self) -> int:
+        """Close every open connection now (each by `close_style`); how many there were."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stall_greeting:
+            self.stalls += 1
+            while data := await reader.read(65536):  # never a greeting, never an answer
+                self.received += data
+            return
         up_reader, up_writer = await asyncio.open_connection(
             self.provider.host,
             self.provider.imaps_port,
@@ -130,8 +156,9 @@ class ImapFaultRelay(TlsFaultRelay):
             server_hostname=self.provider.hostname,
         )
         reply_cut = asyncio.Event()  # the client sent the marker: cut the answer
-        down = asyncio.create_task(self._down(up_reader, writer, reply_cut))
-        up = asyncio.create_task(self._up(reader, up_writer, reply_cut))
+        stalled = asyncio.Event()  # the client sent `stall_on`: nothing passes any more
+        down = asyncio.create_task(self._down(up_reader, writer, reply_cut, stalled))
+        up = asyncio.create_task(self._up(reader, up_writer, reply_cut, stalled))
         try:
             await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -145,6 +172,7 @@ class ImapFaultRelay(TlsFaultRelay):
         reader: asyncio.StreamReader,
         up_writer: asyncio.StreamWriter,
         reply_cut: asyncio.Event,
+        stalled: asyncio.Event,
     ) -> None:
         seen = b""  # this connection's client bytes
         pending = b""  # bytes after the marker, while cutting
@@ -153,6 +181,17 @@ class ImapFaultRelay(TlsFaultRelay):
             self.received += data
             start = len(seen)
             seen += data
+            if stalled.is_set():
+                continue
+            if self.stall_on is not None and (at := seen.find(self.stall_on)) >= 0:
+                stalled.set()
+                self.stalls += 1
+                if at > start:
+                    up_writer.write(data[: at - start])
+                    await up_writer.drain()
+                if self.stall_reads:
+                    await asyncio.Event().wait()  # until close() cancels it
+                continue
             if not cutting and self.cut_on is not None and (at := seen.find(self.cut_on)) >= 0:
                 if self.cut_reply:
                     reply_cut.set()
@@ -178,10 +217,13 @@ class ImapFaultRelay(TlsFaultRelay):
         up_reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         reply_cut: asyncio.Event,
+        stalled: asyncio.Event,
     ) -> None:
         passed = 0  # bytes of the answer since the marker
         with contextlib.suppress(OSError, ssl.SSLError):
             while data := await up_reader.read(65536):
+                if stalled.is_set():
+                    continue
                 if reply_cut.is_set():
                     if passed + len(data) >= self.cut_extra:
                         await self._deliver(writer, data[: self.cut_extra - passed])
