@@ -282,7 +282,7 @@ def render(snapshot: Snapshot, now: datetime | None = None, tz: tzinfo | None = 
     clock = _Clock(now, tz)
     parts: list[RenderableType] = [_header(snapshot, clock)]
     parts += [Text(f"warning: {w}", style=WARN) for w in snapshot.warnings]
-    parts += [_account_panel(a, clock) for a in snapshot.accounts] or [
+    parts += [_account_panel(a, clock, snapshot.events) for a in snapshot.accounts] or [
         Text("No accounts configured: add an [[account]] to the config file.", style=WARN)
     ]
     parts += _event_panels(snapshot.events, clock)
@@ -340,7 +340,7 @@ def _header(snapshot: Snapshot, clock: _Clock) -> Text:
     )
 
 
-def _account_panel(account: AccountStatus, clock: _Clock) -> Panel:
+def _account_panel(account: AccountStatus, clock: _Clock, events: list[Event]) -> Panel:
     rows: list[RenderableType] = [
         _listeners_line(account.listeners),
         _upstream_table(account.upstream, clock),
@@ -352,9 +352,26 @@ def _account_panel(account: AccountStatus, clock: _Clock) -> Panel:
     ]
     if account.key_warning:
         rows.append(Text(f"warning: {account.key_warning}", style=WARN))
+    rows += _last_events(account.name, events, clock)
     title = Text.assemble((account.name, "bold"), f" ({', '.join(account.addresses) or '-'})")
     border = account_style(account, clock.now)
     return Panel(Group(*rows), title=title, title_align="left", border_style=border)
+
+
+def _last_events(name: str, events: list[Event], clock: _Clock) -> list[Text]:
+    """The account's newest event, and its newest error when that is another one."""
+    own = [e for e in events if e.account == name]
+    errors = [e for e in own if e.level == "error"]
+    shown = [("Last event", own[-1])] if own else []
+    if errors and errors[-1] is not own[-1]:
+        shown.append(("Last error", errors[-1]))
+    return [
+        Text.assemble(
+            f"{label}: {clock.time(event.time)} ",
+            (event.message, _LEVEL_STYLES.get(event.level, NEUTRAL)),
+        )
+        for label, event in shown
+    ]
 
 
 def _listeners_line(listeners: list[Listener]) -> Text:

@@ -152,7 +152,7 @@ def numbers_on_row(text: str, label: str) -> list[int]:
 
 
 def test_events_in_order_with_times_levels_and_accounts():
-    text = shown(snapshot())
+    text = shown(snapshot()).split("Recent events")[1]
     lines = [line for line in text.splitlines() if re.search(r"\d\d:\d\d:\d\d ", line)]
     events = [line for line in lines if any(m in line for m in ("bob", "refused"))]
     assert [re.search(r"\d\d:\d\d:\d\d", line)[0] for line in events] == [
@@ -163,6 +163,18 @@ def test_events_in_order_with_times_levels_and_accounts():
     assert "info" in events[0] and "personal" in events[0] and "sent to bob" in events[0]
     assert "error" in events[1] and "smtp refused" in events[1]
     assert "warning" in events[2]
+
+
+def test_each_account_panel_shows_its_last_event_and_last_error():
+    events = [
+        Event(NOW - timedelta(hours=2), "error", "personal", "send-failed", "gave up on carol"),
+        Event(NOW - timedelta(minutes=9), "error", "work", "auth-failed", "work's problem"),
+        Event(NOW - timedelta(minutes=5), "info", "personal", "reload", "config reloaded"),
+    ]
+    panel = text_of(render(snapshot(events=events), tz=UTC)).split("Recent events")[0]
+    assert "Last event: 11:55:00 config reloaded" in panel
+    assert "Last error: 10:00:00 gave up on carol" in panel
+    assert "work's problem" not in panel, "another account's event stays out"
 
 
 def test_only_the_recent_events_are_listed_and_older_errors_are_kept_apart():
