@@ -210,6 +210,9 @@ def load_config(path: Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [_toml_problem(exc)]) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and tables
+        problem = ConfigProblem("", "arrays or inline tables nested too deeply", "valid TOML")
+        raise ConfigError(path, [problem]) from None
     return parse_config(raw, source=path)
 
 
@@ -761,15 +764,26 @@ class _Validator:
         value = self._get(t, prefix, key, (str,), "a file path (string)", None)
         if value is None:
             return None
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~name/... for a user this system does not know
+            self.problem(self._join(prefix, key), repr(value), "a path (~ only for known users)")
+            return None
         if not path.is_absolute():
             path = self.base_dir / path  # relative paths are relative to the config file
-        if must_exist and not path.exists():
-            self.problem(
-                self._join(prefix, key), f"{path}, which does not exist", "an existing file"
-            )
+        if must_exist and (missing := _missing(path)):
+            self.problem(self._join(prefix, key), f"{path}, {missing}", "an existing file")
             return None
         return path
+
+
+def _missing(path: Path) -> str | None:
+    """Why path is not an existing file's, or None. Path.exists() raises, instead of
+    answering False, for a name too long or a directory on the way this user may not read."""
+    try:
+        return None if path.exists() else "which does not exist"
+    except OSError as exc:
+        return f"which cannot be looked up ({exc.strerror})"
 
 
 def _closest(key: str, allowed: set[str]) -> str | None:

@@ -50,6 +50,7 @@ from localproxy.crypto.pgpmime import (
     classify,
     encrypt_message,
     strip_headers,
+    transport_fields,
     unwrap,
 )
 from localproxy.imap.relay import MessageContext
@@ -249,7 +250,7 @@ _SIGNED = (smime.SmimeKind.SIGNED_OPAQUE, smime.SmimeKind.SIGNED_DETACHED)
 def _view(outer: Entity, inner: bytes) -> bytes:
     """Outer transport headers + the decrypted or unwrapped entity (its content fields)."""
     entity = parse_entity(inner)
-    fields = [h for h in outer.headers if not is_content_header(h)]
+    fields = transport_fields(outer)
     fields += [h for h in entity.headers if is_content_header(h)]
     header = b"".join(h.raw if h.raw.endswith(CRLF) else h.raw.rstrip() + CRLF for h in fields)
     return header + CRLF + entity.body

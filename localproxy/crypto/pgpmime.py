@@ -363,7 +363,7 @@ def _view(outer: Entity, inner: Entity) -> tuple[bytes, bool]:
     inner_fields = [
         h for h in inner.headers if not is_content_header(h) and h.name.lower() != "hp-outer"
     ]
-    outer_fields = [h for h in outer.headers if not is_content_header(h)]
+    outer_fields = transport_fields(outer)
     if protected:
         replaced = {h.name.lower() for h in inner_fields}
         outer_fields = [h for h in outer_fields if h.name.lower() not in replaced]
@@ -372,6 +372,14 @@ def _view(outer: Entity, inner: Entity) -> tuple[bytes, bool]:
         fields = outer_fields
     header = b"".join(_ensure_crlf(h.raw) for h in fields + inner_content)
     return header + CRLF + inner.body, protected
+
+
+def transport_fields(message: Entity) -> list[Header]:
+    """The stored header fields a decrypted view keeps: all but the content fields and
+    lines without a field name. Such a line (garbage, or the "\\r\\n" left by splitting
+    "X: a\\r\\r\\n") would end the view's header or start its body, and the forgeable
+    lines after it would be shown as part of the decrypted, signed content."""
+    return [h for h in message.headers if h.name and not is_content_header(h)]
 
 
 def _unwrap_inline(
@@ -392,7 +400,7 @@ def _unwrap_inline(
 
 
 def _replace_text_body(message: Entity, text: bytes, charset: str) -> bytes:
-    fields = [h.raw for h in message.headers if not is_content_header(h)]
+    fields = [h.raw for h in transport_fields(message)]
     cte = "7bit" if is_7bit_safe(text) else "8bit"
     content = header_field("Content-Type", f'text/plain; charset="{charset}"') + header_field(
         "Content-Transfer-Encoding", cte

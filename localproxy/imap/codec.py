@@ -57,6 +57,9 @@ _SP = 0x20
 _MAX_DEPTH = 64  # nesting of lists and sections; real traffic stays far below
 _MAX_DIGITS = 19  # number64 (RFC 9051); longer counts are absurd, and int() of huge
 # digit strings is slow or refused by Python
+# Tokens read per byte of input. Without backtracking every token takes a byte or more;
+# each section that fails to close makes the rest be read once more (see _bracketed).
+_TOKENS_PER_BYTE = 2
 
 
 class ImapSyntaxError(ValueError):
@@ -276,6 +279,11 @@ class _Incomplete(Exception):
     """The data ends inside a token; only expected while checking a command prefix."""
 
 
+class _TooComplex(ImapSyntaxError):
+    """Over the tokenizer's work budget; unlike other errors, never taken to mean that a
+    section is just an atom with brackets in it."""
+
+
 def _char_class(chars: Iterable[int]) -> bytes:
     return b"[" + b"".join(re.escape(bytes([c])) for c in sorted(chars)) + b"]+"
 
@@ -341,6 +349,9 @@ class _Tokenizer:
         self.strict, self.partial = strict, partial
         self.copy_literals = copy_literals
         self.depth = 0
+        # The contents of the brackets opening at each position: see _bracketed.
+        self.brackets: dict[int, tuple[tuple[Token, ...], int] | None] = {}
+        self.budget = _TOKENS_PER_BYTE * (end - pos) + 64
 
     def sequence(self, closer: int | None = None) -> tuple[Token, ...]:
         """Tokens up to `closer` (consumed) or, when closer is None, to the end."""
@@ -392,6 +403,9 @@ class _Tokenizer:
         return self._token(closer)
 
     def _token(self, closer: int | None) -> Token:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _TooComplex("arguments too complex")
         byte = self.data[self.pos]
         if byte == 0x28:  # (
             self.pos += 1
@@ -455,12 +469,10 @@ class _Tokenizer:
 
     def _section(self, start: int, bracket: int, closer: int | None) -> SectionAtom | None:
         """name[...]<partial>, or None when the brackets are just part of an atom."""
-        self.pos = bracket + 1
-        try:
-            with self._nested():
-                section = self.sequence(0x5D)
-        except ImapSyntaxError:
+        contents = self._bracketed(bracket)
+        if contents is None:
             return None
+        section, self.pos = contents
         partial = None
         match = _PARTIAL.match(self.data, self.pos, self.end)
         if match:
@@ -469,6 +481,23 @@ class _Tokenizer:
         if self.pos < self.end and self.data[self.pos] not in (_SP, 0x29, closer):
             return None  # e.g. foo[1]bar: an atom with brackets in it
         return SectionAtom(self.data[start:bracket], section, partial)
+
+    def _bracketed(self, bracket: int) -> tuple[tuple[Token, ...], int] | None:
+        """The tokens between the "[" at `bracket` and its "]" and the position after
+        it; None when they do not parse. A section that fails is re-read as an atom and
+        what follows it is read again: kept per position, the sections nested in it are
+        not parsed again (that doubled the work per level: `A[ (` x 30 ran for hours),
+        and the budget bounds the re-reading (k nested failures read the rest k times)."""
+        if bracket not in self.brackets:
+            self.pos = bracket + 1
+            try:
+                with self._nested():
+                    self.brackets[bracket] = self.sequence(0x5D), self.pos
+            except _TooComplex:
+                raise
+            except ImapSyntaxError:
+                self.brackets[bracket] = None
+        return self.brackets[bracket]
 
 
 def tokenize(data: bytes, *, strict: bool = False) -> tuple[Token, ...]:
