@@ -45,28 +45,45 @@ def write_config(
 ) -> None:
     """One account, alice, on these local ports; upstream the provider's, unless a
     fault relay's port is given."""
-    path.write_text(f"""
-[proxy]
-data_dir = "{path.parent / "data"}"
-log_level = "debug"
+    proxy = f'[proxy]\ndata_dir = "{path.parent / "data"}"\nlog_level = "debug"\n'
+    path.write_text(
+        proxy
+        + account_section(
+            provider,
+            "alice",
+            (imap_port, smtp_port),
+            (up_imap or provider.imaps_port, up_smtp or provider.submission_port),
+            smtp_security,
+        )
+    )
 
+
+def account_section(
+    provider: Provider,
+    name: str,
+    local: tuple[int, int],
+    upstream: tuple[int, int],
+    smtp_security: str = "starttls",
+) -> str:
+    """[[account]] for the provider's user `name`: local and upstream (imap, smtp) ports."""
+    return f"""
 [[account]]
-name = "alice"
-addresses = ["alice@example.org"]
+name = "{name}"
+addresses = ["{name}@example.org"]
 [account.local]
-imap_port = {imap_port}
-smtp_port = {smtp_port}
+imap_port = {local[0]}
+smtp_port = {local[1]}
 [account.upstream.imap]
 host = "{provider.hostname}"
-port = {up_imap or provider.imaps_port}
+port = {upstream[0]}
 security = "tls"
 ca_file = "{provider.ca_file}"
 [account.upstream.smtp]
 host = "{provider.hostname}"
-port = {up_smtp or provider.submission_port}
+port = {upstream[1]}
 security = "{smtp_security}"
 ca_file = "{provider.ca_file}"
-""")
+"""
 
 
 @dataclass
@@ -200,25 +217,9 @@ def test_sighup_applies_a_changed_port_and_keeps_serving(daemon, clean_provider)
 
 def add_account(config: Path, provider: Provider, name: str, imap_port: int, smtp_port: int):
     """Append a second account (the provider's user `name`) to a write_config() file."""
+    upstream = (provider.imaps_port, provider.submission_port)
     with config.open("a") as out:
-        out.write(f"""
-[[account]]
-name = "{name}"
-addresses = ["{name}@example.org"]
-[account.local]
-imap_port = {imap_port}
-smtp_port = {smtp_port}
-[account.upstream.imap]
-host = "{provider.hostname}"
-port = {provider.imaps_port}
-security = "tls"
-ca_file = "{provider.ca_file}"
-[account.upstream.smtp]
-host = "{provider.hostname}"
-port = {provider.submission_port}
-security = "starttls"
-ca_file = "{provider.ca_file}"
-""")
+        out.write(account_section(provider, name, (imap_port, smtp_port), upstream))
 
 
 def test_reload_to_a_taken_port_keeps_the_account_and_spares_the_others(clean_provider, tmp_path):
