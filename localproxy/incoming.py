@@ -93,6 +93,7 @@ class IncomingProcessor:
         self.smime_ca_file = config.policy.smime_ca_file
         self.on_event = on_event or (lambda kind, data: None)
         self.peers = AutocryptPeers()
+        self.seen = SeenKeys()
         self._observed: OrderedDict[tuple[str, str, int, int], None] = OrderedDict()
 
     # ----------------------------------------------------------------------- FETCH view
@@ -105,13 +106,15 @@ class IncomingProcessor:
         if self.autocrypt:  # before verifying, so a new correspondent's first mail verifies
             # No date check here: an older message needs its (older) signing key to verify,
             # and the store never lets an older key displace a newer one.
-            learn_autocrypt(self.store, stored, "autocrypt")
+            learn_autocrypt(self.store, stored, "autocrypt", seen=self.seen)
         if classify(parse_entity(stored)) == Kind.SMIME:
             result = self._unwrap_smime(stored)
         else:
             result = self._unwrap_openpgp(stored)
         if self.autocrypt and result.decrypted:
-            learn_autocrypt(self.store, result.message, "autocrypt-gossip", gossip=True)
+            learn_autocrypt(
+                self.store, result.message, "autocrypt-gossip", gossip=True, seen=self.seen
+            )
         self._count(result)
         status = status_value(result)
         return add_header(result.message, STATUS_HEADER, status) if status else result.message
@@ -363,12 +366,51 @@ class AutocryptPeers:
                 self._peers.popitem(last=False)
 
 
+class SeenKeys:
+    """(address, key) pairs already offered to the key store: every mail of a sender
+    carries the same Autocrypt key, and importing it again (parsing, merging, a
+    transaction) cost more than decrypting the message. Bounded, shared by threads."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def known(self, addr: str, keydata: bytes) -> bool:
+        pair = (addr, hashlib.sha256(keydata).digest())
+        with self._lock:
+            if pair in self._seen:
+                self._seen.move_to_end(pair)
+                return True
+        return False
+
+    def remember(self, addr: str, keydata: bytes) -> None:
+        """After the import: a thread that skips it then finds the key in the store."""
+        with self._lock:
+            self._seen[(addr, hashlib.sha256(keydata).digest())] = None
+            if len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+
+
+def _import_once(
+    store: KeyStore, keydata: bytes, addr: str, source: str, seen: SeenKeys | None
+) -> int | None:
+    """_import_for, skipped for a key already offered for this address."""
+    if seen is not None and seen.known(addr, keydata):
+        return 0
+    learned = _import_for(store, keydata, addr, source)
+    if seen is not None:
+        seen.remember(addr, keydata)
+    return learned
+
+
 def learn_autocrypt(
     store: KeyStore,
     raw: bytes,
     source: str,
     gossip: bool = False,
     peers: AutocryptPeers | None = None,
+    seen: SeenKeys | None = None,
 ) -> int:
     """Import keys from Autocrypt (or Autocrypt-Gossip) headers of a message or of just
     its header block; returns how many were new or updated.
@@ -377,12 +419,13 @@ def learn_autocrypt(
     ignored; a header is valid when it is at most 10 KiB, has no unknown critical
     attribute and its addr is the From address; exactly one valid header is taken
     (several: all discarded). With `peers`, a message older than the youngest header
-    already taken from that sender changes nothing, nor does a key taken before.
+    already taken from that sender changes nothing, nor does a key taken before. With
+    `seen`, a key already offered for an address is not imported again.
     Gossip: each addr must be a recipient (To, Cc, Reply-To) and the key must carry it."""
     header, _sep, _body = split_header_body(raw)
     entity = parse_entity(header + CRLF)
     if gossip:
-        return _learn_gossip(store, entity, source)
+        return _learn_gossip(store, entity, source, seen)
     sender = _from_address(entity)
     if sender is None or _ignored_for_autocrypt(entity):
         return 0
@@ -391,7 +434,7 @@ def learn_autocrypt(
         return 0  # none, or ambiguous: Level 1 ignores all of them
     keydata = valid[0][1]
     if peers is None:
-        return _import_for(store, keydata, sender, source) or 0
+        return _import_once(store, keydata, sender, source, seen) or 0
     effective = _effective_date(entity)
     if peers.outdated(sender, effective):
         return 0
@@ -401,12 +444,12 @@ def learn_autocrypt(
     return learned or 0
 
 
-def _learn_gossip(store: KeyStore, entity: Entity, source: str) -> int:
+def _learn_gossip(store: KeyStore, entity: Entity, source: str, seen: SeenKeys | None) -> int:
     recipients = _addresses(entity, "To", "Cc", "Reply-To")
     learned = 0
     for addr, keydata in _autocrypt_headers(entity, "Autocrypt-Gossip"):
         if addr in recipients:
-            learned += _import_for(store, keydata, addr, source) or 0
+            learned += _import_once(store, keydata, addr, source, seen) or 0
     return learned
 
 

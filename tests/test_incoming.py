@@ -268,3 +268,23 @@ async def test_the_view_path_still_learns_an_older_signing_key(
     older = message(autocrypt("bob@example.org", BOB), date="Sun, 01 Jan 2023 10:00 +0000")
     await incoming.transform(older, context(5))
     assert {fpr for fpr, _ in learned(store)} == {fingerprint(BOB), fingerprint(BOB_NEWER)}
+
+
+async def test_the_view_path_imports_a_key_met_again_only_once(
+    incoming: IncomingProcessor, store: KeyStore, monkeypatch: pytest.MonkeyPatch
+):
+    """Every mail of a correspondent carries the same key: opening many of them must not
+    import it each time (that cost more than decrypting them), a new key still counts."""
+    imports: list[str] = []
+    real = incoming_module._import_for
+
+    def counting(*args: object) -> int | None:
+        imports.append(str(args[2]))
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(incoming_module, "_import_for", counting)
+    for uid in range(1, 4):
+        await incoming.transform(message(autocrypt("bob@example.org", BOB)), context(uid))
+    await incoming.transform(message(autocrypt("bob@example.org", BOB_NEWER)), context(4))
+    assert imports == ["bob@example.org", "bob@example.org"]
+    assert {fpr for fpr, _ in learned(store)} == {fingerprint(BOB), fingerprint(BOB_NEWER)}
