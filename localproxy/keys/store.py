@@ -287,15 +287,19 @@ class KeyStore:
     def certs_for_ids(self, ids: Sequence[str]) -> list[bytes]:
         """Certificates matching key IDs or (sub)key fingerprints, for signature checks."""
         wanted = {i.upper().replace(" ", "") for i in ids}
-        found = []
-        for (data,) in self._rows(
+        return [
+            parsed
+            for names, parsed in self._remembered(("names", None), self._all_key_names)
+            if any(n in wanted or n[-16:] in wanted for n in names)
+        ]
+
+    def _all_key_names(self) -> list[tuple[frozenset[str], bytes]]:
+        """Every certificate's (sub)key fingerprints, own keys first, then by age."""
+        rows = self._rows(
             "SELECT c.data FROM certs c LEFT JOIN own_keys o USING (fingerprint) "
             "WHERE c.kind = 'openpgp' ORDER BY o.account IS NULL, c.added"
-        ):
-            names, parsed = self._key_names(data)
-            if any(n in wanted or n[-16:] in wanted for n in names):
-                found.append(parsed)
-        return found
+        )
+        return [self._key_names(data) for (data,) in rows]
 
     def _key_names(self, data: bytes) -> tuple[frozenset[str], bytes]:
         """Parsing a certificate costs far more than the query: done once per version."""
@@ -328,6 +332,9 @@ class KeyStore:
     def own_secrets(self, account: str) -> list[bytes]:
         """The account's secret keys, unsealed, without parsing them (for decryption,
         which judges the keys itself)."""
+        return self._remembered(("secrets", account), lambda: self._own_secrets(account))
+
+    def _own_secrets(self, account: str) -> list[bytes]:
         box = self._box()
         rows = self._rows(
             "SELECT o.fingerprint, o.sealed FROM own_keys o JOIN certs c USING (fingerprint) "
