@@ -21,7 +21,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from localproxy import __version__, control
 from localproxy.aio import cancel_and_wait
@@ -82,14 +82,15 @@ class ListenError(DaemonError):
 # --------------------------------------------------------------------------- logging
 
 
+_SECRETS = [
+    re.compile(r"(?i)\b(AUTH(?:ENTICATE)?\s+\S+\s+)\S+"),
+    re.compile(r"(?i)\b(LOGIN\s+\S+\s+)\S+"),
+    re.compile(r"(?i)(password[\"']?\s*[:=]\s*)\S+"),
+]
+
+
 class _Redact(logging.Filter):
     """Last line of defence: credentials never reach a log line, whatever logged them."""
-
-    _PATTERNS: ClassVar[list[re.Pattern[str]]] = [
-        re.compile(r"(?i)\b(AUTH(?:ENTICATE)?\s+\S+\s+)\S+"),
-        re.compile(r"(?i)\b(LOGIN\s+\S+\s+)\S+"),
-        re.compile(r"(?i)(password[\"']?\s*[:=]\s*)\S+"),
-    ]
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redacted(record.getMessage()), None
@@ -97,7 +98,7 @@ class _Redact(logging.Filter):
 
 
 def redacted(text: str) -> str:
-    for pattern in _Redact._PATTERNS:
+    for pattern in _SECRETS:
         text = pattern.sub(r"\1<redacted>", text)
     return text
 
