@@ -423,6 +423,8 @@ def learn_autocrypt(
     `seen`, a key already offered for an address is not imported again.
     Gossip: each addr must be a recipient (To, Cc, Reply-To) and the key must carry it."""
     header, _sep, _body = split_header_body(raw)
+    if b"autocrypt" not in header.lower():  # most mail: no parsing at all
+        return 0
     entity = parse_entity(header + CRLF)
     if gossip:
         return _learn_gossip(store, entity, source, seen)
