@@ -12,6 +12,7 @@ The report names the recipients, the provider's answer and the copy's outer head
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import re
 import secrets
@@ -80,15 +81,17 @@ def failure_report(
 
 async def put_in_inbox(account: Account, credentials: tuple[str, str, str], report: bytes) -> None:
     """APPEND the report to INBOX; `credentials` is (mechanism, user, secret). Raises
-    UpstreamError, LoginFailed, UpstreamReply or OSError when it cannot."""
+    UpstreamError, LoginFailed, UpstreamReply, TimeoutError or OSError when it cannot."""
     mechanism, user, secret = credentials
     conn = await connect_imap(account.imap)
     try:
-        if mechanism == "XOAUTH2":
-            await imap_authenticate_xoauth2(conn, user, secret)
-        else:
-            await imap_authenticate(conn, user, secret)
-        await imap_append(conn, b"INBOX", report)
+        # The outbox worker waits for this: a provider that stalls must not hold it.
+        async with asyncio.timeout(account.imap.timeout):
+            if mechanism == "XOAUTH2":
+                await imap_authenticate_xoauth2(conn, user, secret)
+            else:
+                await imap_authenticate(conn, user, secret)
+            await imap_append(conn, b"INBOX", report)
         conn.writer.write(b"LP7 LOGOUT\r\n")
     finally:
         await conn.close()

@@ -312,6 +312,8 @@ async def imap_append(conn: ImapUpstream, mailbox: bytes, message: bytes) -> str
     text, or UpstreamReply with the server's refusal."""
     conn.writer.write(b"LP6 APPEND %s {%d}\r\n" % (_quoted(mailbox.decode()), len(message)))
     line = await conn.reader.readline()
+    while line.startswith(b"* "):  # untagged news before the continuation
+        line = await conn.reader.readline()
     if not line.startswith(b"+"):
         return await _tagged_ok(conn, b"LP6", UpstreamReply, first=line)
     conn.writer.write(message + b"\r\n")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from datetime import UTC, datetime
 
+import pytest
+
 from localproxy.notice import failure_report
+from localproxy.upstream import ImapUpstream, UpstreamReply, imap_append
 
 COPY = (
     b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\nSubject: ...\r\n"
@@ -52,3 +56,32 @@ def test_the_report_shows_the_outer_header_and_never_the_text():
 def test_without_an_enhanced_code_the_status_is_permanent_other():
     raw, _message = report("554 Transaction failed")
     assert b"Status: 5.0.0" in raw and b"Diagnostic-Code: smtp; 554 Transaction failed" in raw
+
+
+class Written:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def fake_connection(replies: bytes) -> tuple[ImapUpstream, Written]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(replies)
+    reader.feed_eof()
+    written = Written()
+    return ImapUpstream(reader, written, b"* OK", None), written  # type: ignore[arg-type]
+
+
+async def test_append_waits_past_untagged_news_for_the_continuation():
+    conn, written = fake_connection(b"* OK [ALERT] maintenance\r\n+ go\r\nLP6 OK APPEND done\r\n")
+    assert await imap_append(conn, b"INBOX", b"Subject: r\r\n\r\nx\r\n") == "OK APPEND done"
+    assert written.data == b'LP6 APPEND "INBOX" {17}\r\nSubject: r\r\n\r\nx\r\n\r\n'
+
+
+async def test_a_refused_append_says_why():
+    conn, written = fake_connection(b"LP6 NO [OVERQUOTA] mailbox full\r\n")
+    with pytest.raises(UpstreamReply, match="OVERQUOTA"):
+        await imap_append(conn, b"INBOX", b"x\r\n")
+    assert b"x\r\n" not in written.data.partition(b"\r\n")[2], "no literal after a refusal"
