@@ -314,6 +314,18 @@ def test_provider_dies_mid_command(clean_provider, imap_relay, behind_relay, mar
 # --------------------------------------------- 4. the provider is not there at all
 
 
+def assert_auth_gets_454(provider: Provider, port: int, reason: bytes) -> None:
+    """AUTH through the proxy is answered 454 (temporary), naming the reason."""
+    alice = provider.users["alice"]
+    with (
+        pytest.raises(smtplib.SMTPException) as refused,
+        smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp,
+    ):
+        smtp.login(alice.login, alice.password)
+    assert getattr(refused.value, "smtp_code", None) == 454, refused.value
+    assert reason in refused.value.smtp_error  # type: ignore[attr-defined]
+
+
 def test_refused_at_start_the_daemon_runs_and_says_why(clean_provider, tmp_path):
     closed = free_port()  # nothing listens here
     running = start_daemon(clean_provider, tmp_path, up_imap=closed, up_smtp=closed)
@@ -332,14 +344,7 @@ def test_refused_at_start_the_daemon_runs_and_says_why(clean_provider, tmp_path)
         client.close()
         assert answer.startswith(b"* BYE [UNAVAILABLE]"), answer
         assert b"connection refused" in answer
-        alice = clean_provider.users["alice"]
-        with (
-            pytest.raises(smtplib.SMTPException) as refused,
-            smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=30) as smtp,
-        ):
-            smtp.login(alice.login, alice.password)
-        assert getattr(refused.value, "smtp_code", None) == 454, refused.value
-        assert b"connection refused" in refused.value.smtp_error  # type: ignore[attr-defined]
+        assert_auth_gets_454(clean_provider, running.smtp_port, b"connection refused")
     finally:
         log = running.stop()
     assert running.process.returncode == 0, log[-2000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import smtplib
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from localproxy.sandbox.provider import Provider
 from tests.e2e import test_faults
 from tests.e2e.test_daemon import Running, free_port, launch, status_json, write_config
-from tests.e2e.test_faults import RawImap, login, wait_for
+from tests.e2e.test_faults import RawImap, assert_auth_gets_454, login, wait_for
 
 pytestmark = pytest.mark.e2e
 # test_faults' fixtures: the relay loop, ImapFaultRelay, and the daemon behind it
@@ -339,14 +338,7 @@ def test_unresolvable_at_start_the_daemon_runs_and_says_why(clean_provider, tmp_
         client.close()
         assert re.fullmatch(BYE, answer), answer
         assert f"cannot resolve host name '{host}'".encode() in answer
-        alice = clean_provider.users["alice"]
-        with (
-            pytest.raises(smtplib.SMTPException) as refused,
-            smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=30) as smtp,
-        ):
-            smtp.login(alice.login, alice.password)
-        assert getattr(refused.value, "smtp_code", None) == 454, refused.value
-        assert b"cannot resolve host name" in refused.value.smtp_error  # type: ignore[attr-defined]
+        assert_auth_gets_454(clean_provider, running.smtp_port, b"cannot resolve host name")
     finally:
         log = running.stop()
     assert running.process.returncode == 0, log[-2000:]
