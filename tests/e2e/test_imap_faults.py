@@ -99,18 +99,11 @@ def test_append_stored_but_the_ok_is_lost(clean_provider, imap_relay, behind_rel
     the client would."""
     imap_relay.cut_on, imap_relay.cut_reply, imap_relay.cut_extra = b"LAST-LINE\r\n", True, 0
     imap_relay.close_style = style
-    client = RawImap(behind_relay.imap_port)
-    try:
-        assert b"c1 OK" in client.command("c1", login(clean_provider))
-        started = time.monotonic()
-        answer = client.command("c2", "APPEND INBOX", AMBIGUOUS) + client.rest()
-        elapsed = time.monotonic() - started
-    finally:
-        client.close()
+    answer, elapsed = append_until_closed(clean_provider, behind_relay.imap_port, AMBIGUOUS)
     assert imap_relay.cuts == 1
     assert AMBIGUOUS in imap_relay.received, "the whole literal went upstream"
     assert BYE.search(answer), answer
-    assert b"c2 OK" not in answer and b"Traceback" not in answer
+    assert b"a2 OK" not in answer and b"Traceback" not in answer
     assert elapsed < PROMPT
     assert clean_provider.stored_messages("alice") == [AMBIGUOUS], "stored exactly once"
     # The proxy goes on serving, and the next session sees the one copy.
@@ -130,6 +123,19 @@ DRAFT = (
     + b"more of the draft\r\n" * 50
 )
 ARMOR_BEGIN, ARMOR_END = b"-----BEGIN PGP MESSAGE-----", b"-----END PGP MESSAGE-----"
+
+
+def append_until_closed(provider: Provider, port: int, message: bytes) -> tuple[bytes, float]:
+    """Log in, APPEND to INBOX, read until the proxy hangs up: (everything it said after
+    the login, seconds the APPEND took)."""
+    client = RawImap(port)
+    try:
+        assert b"a1 OK" in client.command("a1", login(provider))
+        started = time.monotonic()
+        answer = client.command("a2", "APPEND INBOX", message) + client.rest()
+        return answer, time.monotonic() - started
+    finally:
+        client.close()
 
 
 def append_draft(provider: Provider, port: int, tag: str) -> bytes:
@@ -284,14 +290,7 @@ def test_a_provider_that_stops_taking_data_mid_literal_gets_a_bye_in_time(
     imap_relay.stall_on, imap_relay.stall_reads = b"STALL-UPLOAD", True
     # 24 MiB: more than the kernel's and the relay's buffers take before sends block
     big = b"Subject: big\r\n\r\nSTALL-UPLOAD\r\n" + (b"y" * 78 + b"\r\n") * (24 * 2**20 // 80)
-    client = RawImap(impatient.imap_port)
-    try:
-        assert b"u1 OK" in client.command("u1", login(clean_provider))
-        started = time.monotonic()
-        answer = client.command("u2", "APPEND INBOX", big) + client.rest()
-        elapsed = time.monotonic() - started
-    finally:
-        client.close()
+    answer, elapsed = append_until_closed(clean_provider, impatient.imap_port, big)
     assert imap_relay.stalls == 1
     continuation, _, rest = answer.partition(b"\r\n")
     assert continuation.startswith(b"+ ") and re.fullmatch(BYE, rest), answer[:300]
