@@ -12,6 +12,7 @@ otherwise be copied once per level, and the encrypting path never reads the part
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,13 +142,24 @@ def content_type_of(header: Header | None) -> tuple[str, dict[str, str]]:
     """Lowercased type and parameters; RFC 2045 default for a missing or broken header."""
     if header is None:
         return "text/plain", {"charset": "us-ascii"}
+    value = header.value
+    # Cached: the stdlib parser is slow, and most messages carry one of a few values.
+    parse = _cached_content_type if len(value) <= 200 else _parsed_content_type
+    ctype, params = parse(value)
+    return ctype, dict(params)
+
+
+def _parsed_content_type(value: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     msg = Message()
-    msg["Content-Type"] = header.value
+    msg["Content-Type"] = value
     ctype = msg.get_content_type()  # falls back to text/plain for garbage, as RFC 2045 says
     params = {}
-    for key, value in msg.get_params()[1:] if msg.get_params() else []:
-        params[key.lower()] = str(msg.get_param(key)) if isinstance(value, tuple) else value
-    return ctype, params
+    for key, found in msg.get_params()[1:] if msg.get_params() else []:
+        params[key.lower()] = str(msg.get_param(key)) if isinstance(found, tuple) else found
+    return ctype, tuple(params.items())
+
+
+_cached_content_type = functools.lru_cache(maxsize=256)(_parsed_content_type)
 
 
 def parse_entity(raw: bytes, depth: int = 0) -> Entity:

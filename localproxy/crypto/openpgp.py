@@ -1289,12 +1289,27 @@ def _load_secret(data: bytes) -> _Loaded:
     return _load_group(_packets(data, "secret key"))
 
 
-def _load_all(data: bytes) -> list[_Loaded]:
+def _load_all(data: bytes) -> tuple[_Loaded, ...]:
+    # Cached too: splitting a keyring into certificates is Python packet parsing, and
+    # every outgoing message names its recipients' certificates again. Not a whole
+    # keyring file being imported, though: it would stay in memory.
+    return _load_all_cached(data) if len(data) <= LOAD_CACHE_LIMIT else _load_all_now(data)
+
+
+LOAD_CACHE_LIMIT = 64 * 1024  # octets: a certificate with many signatures fits
+
+
+@functools.lru_cache(maxsize=512)
+def _load_all_cached(data: bytes) -> tuple[_Loaded, ...]:
+    return _load_all_now(data)
+
+
+def _load_all_now(data: bytes) -> tuple[_Loaded, ...]:
     loaded = []
     for group in _split_certs(_dearmor(data)):
         secret = any(p.tag in _SECRET_TAGS for p in group)
         loaded.append((_load_secret if secret else _load_public)(_join(group)))
-    return loaded
+    return tuple(loaded)
 
 
 MEMO_TTL = 60.0  # seconds; whole-certificate expiry ends a memo earlier, exactly
