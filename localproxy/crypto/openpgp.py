@@ -393,6 +393,16 @@ def _dearmor(data: bytes) -> bytes:
     data = bytes(data)
     if data[:1] and data[0] & 0x80:
         return data
+    single = _SINGLE_ARMOR.fullmatch(data)
+    if single is not None and single.group(1) != b"SIGNED MESSAGE":
+        # The usual case, one well-formed block, decoded without a Python loop over its
+        # lines; anything else goes the line by line way below.
+        return _base64_payload(single.group(2), single.group(1).decode())
+    return _dearmor_lines(data)
+
+
+def _dearmor_lines(data: bytes) -> bytes:
+    """Armor blocks among any other lines, read line by line."""
     lines, blocks = iter(data.splitlines()), []
     for line in lines:
         match = _ARMOR_LINE.fullmatch(line.strip())
@@ -406,15 +416,30 @@ def _dearmor(data: bytes) -> bytes:
     return b"".join(blocks)
 
 
+# One armor block alone: BEGIN, header lines (they have a ':'), an optional blank
+# line, base64 lines (none starting with '='), the optional CRC-24 line, END.
+_SINGLE_ARMOR = re.compile(
+    rb"\s*-----BEGIN PGP ([A-Z0-9 ,/]+)-----\r?\n"
+    rb"(?:[^\r\n:]*:[^\r\n]*\r?\n)*(?:\r?\n)?"
+    rb"((?:[A-Za-z0-9+/][A-Za-z0-9+/=]*\r?\n)*)"
+    rb"(?:=[A-Za-z0-9+/]{4}\r?\n)?"
+    rb"-----END PGP \1-----\s*"
+)
+
+
+def _base64_payload(encoded: bytes, kind: str) -> bytes:
+    try:
+        return base64.b64decode(encoded)  # line ends are not in the alphabet: skipped
+    except (binascii.Error, ValueError):
+        raise MalformedData(f"bad base64 in ASCII armor ({kind})") from None
+
+
 def _armor_payload(lines: Iterator[bytes], kind: str) -> bytes:
     payload, in_headers = [], True
     for raw in lines:
         line = raw.strip()
         if line.startswith(b"-----END PGP"):
-            try:
-                return base64.b64decode(b"".join(payload))
-            except (binascii.Error, ValueError):
-                raise MalformedData(f"bad base64 in ASCII armor ({kind})") from None
+            return _base64_payload(b"".join(payload), kind)
         if in_headers and b":" in line:  # armor headers ("Version: ..."); base64 has no ':'
             continue
         in_headers = False
@@ -1293,10 +1318,14 @@ def _load_all(data: bytes) -> tuple[_Loaded, ...]:
     # Cached too: splitting a keyring into certificates is Python packet parsing, and
     # every outgoing message names its recipients' certificates again. Not a whole
     # keyring file being imported, though: it would stay in memory.
-    return _load_all_cached(data) if len(data) <= LOAD_CACHE_LIMIT else _load_all_now(data)
+    return (_load_all_cached if _cacheable(data) else _load_all_now)(data)
 
 
 LOAD_CACHE_LIMIT = 64 * 1024  # octets: a certificate with many signatures fits
+
+
+def _cacheable(data: object) -> bool:
+    return type(data) is bytes and len(data) <= LOAD_CACHE_LIMIT
 
 
 @functools.lru_cache(maxsize=512)
@@ -1543,19 +1572,30 @@ class _OwnKey:
 
 
 def _own_keys(secret_keys: Sequence[bytes]) -> list[_OwnKey]:
+    return [
+        own
+        for data in secret_keys
+        for own in (_cached_own_keys if _cacheable(data) else _own_keys_of)(data)
+    ]
+
+
+def _own_keys_of(data: bytes) -> tuple[_OwnKey, ...]:
     out = []
-    for data in secret_keys:
-        for group in _split_certs(_dearmor(data)):
-            secret = [p for p in group if p.tag in _SECRET_TAGS]
-            if not secret:
+    for group in _split_certs(_dearmor(data)):
+        secret = [p for p in group if p.tag in _SECRET_TAGS]
+        if not secret:
+            continue
+        loaded = _load_group(group)
+        for packet in secret:
+            try:
+                out.append(_OwnKey(loaded, _parse_key(packet), _secret_state(packet)))
+            except MalformedData:  # a key we cannot use must not hide the others
                 continue
-            loaded = _load_group(group)
-            for packet in secret:
-                try:
-                    out.append(_OwnKey(loaded, _parse_key(packet), _secret_state(packet)))
-                except MalformedData:  # a key we cannot use must not hide the others
-                    continue
-    return out
+    return tuple(out)
+
+
+# Own secret keys, parsed once like _load_secret's; each message to decrypt asks again.
+_cached_own_keys = functools.lru_cache(maxsize=16)(_own_keys_of)
 
 
 def _candidates(envelope: _Envelope, own: Sequence[_OwnKey]) -> list[tuple[_Pkesk, _OwnKey]]:
