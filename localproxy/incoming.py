@@ -51,7 +51,7 @@ from localproxy.crypto.pgpmime import (
     encrypt_message,
     strip_headers,
     transport_fields,
-    unwrap,
+    unwrap_entity,
 )
 from localproxy.imap.relay import MessageContext
 from localproxy.keys.store import KeyStore, load_trust_roots
@@ -107,10 +107,11 @@ class IncomingProcessor:
             # No date check here: an older message needs its (older) signing key to verify,
             # and the store never lets an older key displace a newer one.
             learn_autocrypt(self.store, stored, "autocrypt", seen=self.seen)
-        if classify(parse_entity(stored)) == Kind.SMIME:
+        entity = parse_entity(stored)
+        if classify(entity) == Kind.SMIME:
             result = self._unwrap_smime(stored)
         else:
-            result = self._unwrap_openpgp(stored)
+            result = self._unwrap_openpgp(entity, stored)
         if self.autocrypt and result.decrypted:
             learn_autocrypt(
                 self.store, result.message, "autocrypt-gossip", gossip=True, seen=self.seen
@@ -119,13 +120,18 @@ class IncomingProcessor:
         status = status_value(result)
         return add_header(result.message, STATUS_HEADER, status) if status else result.message
 
-    def _unwrap_openpgp(self, stored: bytes) -> Unwrapped:
+    def _unwrap_openpgp(self, entity: Entity, stored: bytes) -> Unwrapped:
         try:
             secret_keys, locked = self.store.own_secrets(self.account.name), None
         except SecretBoxError as exc:  # keyring entry lost: show the mail as stored, and why
             secret_keys, locked = [], f"own keys are locked: {exc}"
-        result = unwrap(
-            stored, self.engine, secret_keys, self.store.certs_for_ids, max_output=self.max_output
+        result = unwrap_entity(
+            entity,
+            stored,
+            self.engine,
+            secret_keys,
+            self.store.certs_for_ids,
+            max_output=self.max_output,
         )
         if locked and result.error and not result.decrypted:
             result.error = locked

@@ -306,7 +306,18 @@ def unwrap(
 ) -> Unwrapped:
     """Decrypt and/or verify a whole message. Never raises for bad mail: the reason is in
     .error and .message is then the original bytes."""
-    message = parse_entity(raw)
+    return unwrap_entity(parse_entity(raw), raw, engine, secret_keys, verify_certs, max_output)
+
+
+def unwrap_entity(
+    message: Entity,
+    raw: bytes,
+    engine: OpenPGPEngine,
+    secret_keys: Sequence[bytes],
+    verify_certs: Sequence[bytes] = (),
+    max_output: int | None = None,
+) -> Unwrapped:
+    """unwrap() of a message its caller parsed already (parse_entity(raw))."""
     kind = classify(message)
     try:
         if kind == Kind.PGP_ENCRYPTED:
