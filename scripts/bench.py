@@ -48,13 +48,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from localproxy.config import Config, LocalListen, parse_config
+from localproxy.config import Account, Config, LocalListen, parse_config
 from localproxy.crypto.openpgp import OpenPGPEngine, default_engine
 from localproxy.imap.relay import ImapProxy
 from localproxy.incoming import IncomingProcessor
 from localproxy.keys.store import KeyStore
+from localproxy.mime import to_crlf
 from localproxy.smtp.compose import compose
-from localproxy.smtp.server import SmtpHandler, SmtpProxy
+from localproxy.smtp.pipe import checked
+from localproxy.smtp.server import Credentials, SmtpHandler, SmtpProxy, open_upstream
 
 if TYPE_CHECKING:
     from localproxy.sandbox.provider import Provider
@@ -508,6 +510,7 @@ def bench_smtp(rig: Rig, scale: Scale, results: Results) -> None:
                 machine[name].append(MachineCpu(before, sent, machine_busy(), times[name][-1]))
         _smtp_batch_figure(results, scale, median(times["proxy"]), median(times["direct"]))
         _smtp_machine_figures(results, scale, machine)
+        _smtp_provider_share(rig, scale, results, inbox, median(times["direct"]))
         _bench_attachment(rig, scale, results, child, inbox)
 
 
@@ -570,7 +573,7 @@ def _smtp_machine_figures(
             "ms",
             proxy,
             direct,
-            ratio=proxy / direct,
+            ratio=proxy / direct if direct else None,  # /proc/stat counts in 10 ms ticks
         )
     )
     busy = {name: median(m.busy for m in runs) for name, runs in machine.items()}
@@ -579,6 +582,49 @@ def _smtp_machine_figures(
         f"{busy['proxy']:.2f} through the proxy, of {os.cpu_count()}. CPU per message "
         "counts every process from the first message until Postfix delivered the last."
     )
+
+
+def _smtp_provider_share(
+    rig: Rig, scale: Scale, results: Results, inbox: Mailbox, direct: float
+) -> None:
+    """Postfix's share of the proxy path: the batch's ciphertexts, composed beforehand,
+    sent by the proxy's own upstream code (one logged-in pipe, MAIL and RCPT in one
+    write, BDAT), with no client and no compose in the timing."""
+    count = scale.smtp_messages
+    ciphertexts = [to_crlf(message) for message in encrypted_letters(rig, scale, count, tag="smtp")]
+    account = parse_config(rig.configs[SENDER]).accounts[0]
+    user = rig.provider.users[SENDER]
+    credentials = Credentials("PLAIN", user.login, user.password)
+    seconds = []
+    for _ in range(scale.reps):
+        seconds.append(asyncio.run(pipe_send_all(account, credentials, ciphertexts)))
+        inbox.wait(count)  # delivered before the next phase, as for the batch
+    share = median(seconds)
+    results.add(
+        Figure(
+            "smtp.provider_share",
+            "SMTP: the same ciphertexts straight to Postfix (its share of the proxy path)",
+            "msg/s",
+            count / share,
+            count / direct,
+            ratio=share / direct,
+        )
+    )
+
+
+async def pipe_send_all(account: Account, credentials: Credentials, messages: list[bytes]) -> float:
+    """Seconds to send every message over one upstream pipe, as the proxy sends a copy."""
+    pipe = await open_upstream(account, credentials)
+    try:
+        start = time.perf_counter()
+        for message in messages:
+            envelope = (b"MAIL FROM:<alice@example.org>", b"RCPT TO:<bob@example.org>")
+            for reply in await pipe.commands(*envelope):
+                checked(reply, (250,))
+            await pipe.send_message(message)
+        return time.perf_counter() - start
+    finally:
+        pipe.close()
 
 
 def _bench_attachment(
@@ -719,14 +765,14 @@ def _await_tags(conn: imaplib.IMAP4, tags: list[bytes]) -> None:
             waiting.discard(tag)
 
 
-def encrypted_letters(rig: Rig, scale: Scale, count: int) -> Iterator[bytes]:
+def encrypted_letters(rig: Rig, scale: Scale, count: int, tag: str = "download") -> Iterator[bytes]:
     """What the SMTP proxy sends for each letter (encrypted to bob and alice, signed by
     alice, Autocrypt header): compose() is the code the proxy runs at DATA."""
     with rig.store(SENDER) as store:
         config = parse_config(rig.configs[SENDER])
         for i in range(count):
             copies = compose(
-                letter(i, scale.message_size, "download"),
+                letter(i, scale.message_size, tag),
                 ["bob@example.org"],
                 account=config.accounts[0],
                 policy=config.policy,

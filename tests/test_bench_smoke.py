@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 FIGURES = {
     "smtp.batch",
+    "smtp.batch_machine_cpu",
+    "smtp.provider_share",
     "smtp.large",
     "smtp.large_rss",
     "imap.fetch_envelope",
