@@ -51,7 +51,7 @@ from localproxy.crypto.pgpmime import (
     encrypt_message,
     strip_headers,
     transport_fields,
-    unwrap_entity,
+    unwrap,
 )
 from localproxy.imap.relay import MessageContext
 from localproxy.keys.store import KeyStore, load_trust_roots
@@ -125,13 +125,13 @@ class IncomingProcessor:
             secret_keys, locked = self.store.own_secrets(self.account.name), None
         except SecretBoxError as exc:  # keyring entry lost: show the mail as stored, and why
             secret_keys, locked = [], f"own keys are locked: {exc}"
-        result = unwrap_entity(
-            entity,
+        result = unwrap(
             stored,
             self.engine,
             secret_keys,
             self.store.certs_for_ids,
             max_output=self.max_output,
+            parsed=entity,
         )
         if locked and result.error and not result.decrypted:
             result.error = locked

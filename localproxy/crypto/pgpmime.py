@@ -303,21 +303,13 @@ def unwrap(
     secret_keys: Sequence[bytes],
     verify_certs: Sequence[bytes] = (),
     max_output: int | None = None,
+    *,
+    parsed: Entity | None = None,
 ) -> Unwrapped:
     """Decrypt and/or verify a whole message. Never raises for bad mail: the reason is in
-    .error and .message is then the original bytes."""
-    return unwrap_entity(parse_entity(raw), raw, engine, secret_keys, verify_certs, max_output)
-
-
-def unwrap_entity(
-    message: Entity,
-    raw: bytes,
-    engine: OpenPGPEngine,
-    secret_keys: Sequence[bytes],
-    verify_certs: Sequence[bytes] = (),
-    max_output: int | None = None,
-) -> Unwrapped:
-    """unwrap() of a message its caller parsed already (parse_entity(raw))."""
+    .error and .message is then the original bytes. `parsed`: parse_entity(raw), when
+    the caller has it already."""
+    message = parsed if parsed is not None else parse_entity(raw)
     kind = classify(message)
     try:
         if kind == Kind.PGP_ENCRYPTED:
