@@ -70,3 +70,8 @@ class OutputTooLarge(CryptoError):
     def __init__(self, message: str, limit: int | None = None) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class NeedsWorker(Exception):
+    """Not a failure: decrypting was asked to stay cheap (inline_only), and this message
+    needs more. Do it again in a worker thread, without the budget."""

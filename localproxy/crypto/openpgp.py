@@ -40,6 +40,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -65,6 +66,7 @@ from localproxy.crypto.errors import (
     KeyLocked,
     KeyRevoked,
     MalformedData,
+    NeedsWorker,
     NoUsableKey,
     OutputTooLarge,
 )
@@ -1055,12 +1057,37 @@ def _flatten(data: bytes, limit: int | None, depth: int = 0) -> list[_Packet]:
     return out
 
 
+INLINE_OUTPUT = 1 << 20  # octets of plaintext that inline_only() lets through
+_INLINE_BUDGET: ContextVar[int | None] = ContextVar("inline_budget", default=None)
+
+
+@contextmanager
+def inline_only(budget: int = INLINE_OUTPUT) -> Iterator[None]:
+    """Within: decrypting stays cheap enough for an event loop, or raises NeedsWorker.
+    That is a plaintext of more than budget octets after decompression, or a message
+    only Sequoia reads (it decompresses into memory without a bound)."""
+    token = _INLINE_BUDGET.set(budget)
+    try:
+        yield
+    finally:
+        _INLINE_BUDGET.reset(token)
+
+
+def inline_budget() -> int | None:
+    return _INLINE_BUDGET.get()
+
+
 def _decompress(body: bytes, limit: int | None) -> bytes:
     """Decompress with a bound: never more than limit (+ framing slack) bytes of output."""
     if not body:
         raise MalformedData("empty compressed data packet")
     algo, data = body[0], body[1:]
     cap = 0 if limit is None else limit + _SLACK + 1
+    over: Exception = _too_large(limit)
+    budget = _INLINE_BUDGET.get()
+    if budget is not None and (not cap or budget + _SLACK + 1 < cap):
+        cap = budget + _SLACK + 1
+        over = NeedsWorker(f"the compressed plaintext exceeds {budget} octets")
     try:
         if algo == 0:
             out = data
@@ -1073,7 +1100,7 @@ def _decompress(body: bytes, limit: int | None) -> bytes:
     except (zlib.error, OSError, EOFError, ValueError) as exc:
         raise MalformedData(f"compressed data is corrupt ({exc})") from None
     if cap and len(out) >= cap:
-        raise _too_large(limit)
+        raise over
     return out
 
 
@@ -2089,6 +2116,8 @@ class SequoiaEngine:
         """Messages the Python path does not handle. Limitations: pysequoia decrypts
         into memory first (max_output is checked afterwards), uses only the newest
         alive encryption subkey, and cannot verify signatures in compressed messages."""
+        if _INLINE_BUDGET.get() is not None:
+            raise NeedsWorker("only Sequoia decrypts this message, without a bound")
         errors: list[CryptoError] = []
         tried: set[str] = set()
         for _, mine in pairs:

@@ -29,6 +29,7 @@ from localproxy.crypto.errors import (
     KeyLocked,
     KeyRevoked,
     MalformedData,
+    NeedsWorker,
     NoUsableKey,
     OutputTooLarge,
 )
@@ -38,6 +39,7 @@ from localproxy.crypto.openpgp import (
     OpenPGPEngine,
     SignatureStatus,
     default_engine,
+    inline_only,
 )
 from tests.crypto import (
     bomb,
@@ -672,6 +674,12 @@ def test_seipd_v2_message_from_a_sequoia_sender(engine: OpenPGPEngine) -> None:
     assert unknown.status is UNKNOWN_KEY
     with pytest.raises(OutputTooLarge):
         engine.decrypt(V2_MESSAGE, [V2_KEY], max_output=4)
+
+
+def test_seipd_v2_is_not_decrypted_within_an_inline_budget(engine: OpenPGPEngine) -> None:
+    # Sequoia decompresses without a bound: not on an event loop, whatever the size.
+    with inline_only(), pytest.raises(NeedsWorker):
+        engine.decrypt(V2_MESSAGE, [V2_KEY], [V2_SENDER])
 
 
 # --------------------------------------------------------------------------- hostile input
