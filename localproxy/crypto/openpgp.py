@@ -8,7 +8,8 @@ Who does what, and why (pysequoia 0.1.35):
 
 * Sequoia parses and validates certificates (self-signatures, policy, expiry,
   revocation), encrypts, signs, verifies every signature, and decrypts the messages
-  the Python path below does not handle (SEIPDv2/AEAD, ElGamal, exotic ciphers).
+  the Python path below does not handle (EAX, GnuPG's OCB packets, X25519/X448
+  keys, ElGamal, exotic ciphers).
 * This module does in Python, with ``cryptography``, what pysequoia offers no way to do:
 
   - Key generation. pysequoia's keys advertise SEIPDv2 (features 0x01|0x08) and
@@ -16,11 +17,13 @@ Who does what, and why (pysequoia 0.1.35):
     0.27 cannot read. Ours are v4 Ed25519 (certify+sign) + Cv25519 (encrypt) and
     advertise MDC only: never AEAD 0x02, never 0x08.
   - Setting or removing a passphrase (pysequoia can only use one).
-  - Opening SEIPDv1 messages: session key from our RSA/ECDH key, MDC check,
-    decompression with a real output bound. pysequoia 0.1.35 rejects signatures
-    inside compressed messages ("Unexpected message structure"), which is what GnuPG
-    and RNP send by default, cannot bound decompression, holds the GIL while it
-    works, and refuses to decrypt with an expired or revoked own key (old mail).
+  - Opening SEIPDv1 messages (MDC) and SEIPDv2 ones (OCB or GCM chunks, RFC 9580
+    5.13.2; v6 PKESK): session key from our RSA/ECDH key, integrity check before any
+    plaintext is released, decompression with a real output bound. pysequoia
+    0.1.35 rejects signatures inside compressed messages ("Unexpected message
+    structure"), which is what GnuPG and RNP send by default, cannot bound
+    decompression, holds the GIL while it works, and refuses to decrypt with an
+    expired or revoked own key (old mail).
     The unwrapped signed message is handed back to Sequoia to verify signatures.
 """
 
@@ -47,9 +50,12 @@ from enum import StrEnum
 from typing import ParamSpec, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import pysequoia
-from cryptography.exceptions import InvalidKey, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidKey, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 try:  # cryptography >= 47 keeps CFB (which OpenPGP needs) among the "decrepit" modes
@@ -943,9 +949,10 @@ def _envelope(binary: bytes) -> _Envelope:
     return _Envelope(binary, tuple(pkesks), passphrases > 0 and not pkesks, data.tag, data.body)
 
 
-def _session_key(pkesk: _Pkesk, key: _Key) -> tuple[int, bytes]:
-    """(cipher, session key) from a v3 PKESK with our RSA or ECDH key."""
-    if pkesk.version != 3 or key.version != 4:
+def _session_key(pkesk: _Pkesk, key: _Key) -> tuple[int | None, bytes]:
+    """(cipher, session key) from a v3 or v6 PKESK with our RSA or ECDH key. A v6 PKESK
+    names no cipher (RFC 9580 5.1.3: the SEIPDv2 packet does): None."""
+    if pkesk.version not in (3, 6) or key.version != 4:
         raise _Unsupported
     if pkesk.algo in _RSA and key.algo in _RSA:
         message = _rsa_session(pkesk, key)
@@ -953,6 +960,11 @@ def _session_key(pkesk: _Pkesk, key: _Key) -> tuple[int, bytes]:
         message = _ecdh_session(pkesk, key)
     else:
         raise _Unsupported
+    if pkesk.version == 6:
+        session, check = message[:-2], message[-2:]
+        if len(session) not in _AES.values() or _checksum16(session) != check:
+            raise _NoSessionKey
+        return None, session
     cipher, session, check = message[0], message[1:-2], message[-2:]
     if len(message) < 4 or _checksum16(session) != check:
         raise _NoSessionKey
@@ -1038,6 +1050,53 @@ def _open_seipd_v1(body: _Buffer, cipher: int, session: bytes) -> _Buffer:
             "no plaintext released"
         )
     return memoryview(plain)[prefix:-22]
+
+
+# RFC 9580 5.13.2: AEAD modes done in Python (EAX is not in `cryptography`: Sequoia's).
+_AEAD_MODES: dict[int, tuple[Callable[[bytes], AESOCB3 | AESGCM], int]] = {
+    2: (AESOCB3, 15),  # OCB, nonce octets
+    3: (AESGCM, 12),  # GCM
+}
+_AEAD_TAG = 16
+_MAX_CHUNK_OCTET = 16  # chunks of at most 4 MiB (RFC 9580 5.13.2)
+
+
+def _open_seipd_v2(body: _Buffer, session: bytes) -> bytes:
+    """Decrypt a SEIPDv2 body chunk by chunk; nothing is returned unless every chunk's
+    tag and the final tag (which covers the total length: no truncation) hold."""
+    r = _Reader(memoryview(body), "SEIPDv2 packet")
+    version, cipher, aead, chunk_octet = r.u8(), r.u8(), r.u8(), r.u8()
+    salt = bytes(r.take(32))
+    if aead not in _AEAD_MODES or _AES.get(cipher) != len(session):
+        raise _Unsupported
+    if chunk_octet > _MAX_CHUNK_OCTET:
+        raise MalformedData(f"SEIPDv2 chunk size octet {chunk_octet} is out of range")
+    mode, nonce_size = _AEAD_MODES[aead]
+    header = bytes([0xC0 | _SEIPD, version, cipher, aead, chunk_octet])
+    derived = HKDF(hashes.SHA256(), len(session) + nonce_size - 8, salt, header).derive(session)
+    sealer, iv = mode(derived[: len(session)]), derived[len(session) :]
+    data = r.rest()
+    if len(data) < _AEAD_TAG:
+        raise IntegrityError("encrypted data is truncated; refusing to decrypt it")
+    chunks, final = data[:-_AEAD_TAG], data[-_AEAD_TAG:]
+    step, plain, index = (1 << (chunk_octet + 6)) + _AEAD_TAG, bytearray(), 0
+    for start in range(0, len(chunks), step):
+        plain += _aead_open(sealer, iv, index, chunks[start : start + step], header)
+        index += 1
+    _aead_open(sealer, iv, index, final, header + len(plain).to_bytes(8, "big"))
+    return bytes(plain)
+
+
+def _aead_open(
+    sealer: AESOCB3 | AESGCM, iv: bytes, index: int, sealed: _Buffer, associated: bytes
+) -> bytes:
+    try:
+        return sealer.decrypt(iv + index.to_bytes(8, "big"), bytes(sealed), associated)
+    except (InvalidTag, ValueError):
+        raise IntegrityError(
+            "integrity check (AEAD) failed: the message was modified, truncated or "
+            "corrupted; no plaintext released"
+        ) from None
 
 
 def _flatten(data: bytes, limit: int | None, depth: int = 0) -> list[_Packet]:
@@ -2060,19 +2119,25 @@ class SequoiaEngine:
         lookup: _CertLookup,
         limit: int | None,
     ) -> DecryptResult | None:
-        if envelope.tag != _SEIPD or envelope.body[:1] != b"\x01":
-            return None  # SEIPDv2 / OCB: Sequoia's job
+        version = envelope.body[0] if envelope.tag == _SEIPD and envelope.body else None
+        if version not in (1, 2):
+            return None  # GnuPG's OCB packets and the like: Sequoia's job
         failed, unsupported = [], False
         for pkesk, mine in pairs:
             try:
+                if pkesk.version != (3 if version == 1 else 6):
+                    raise _Unsupported  # RFC 9580 pairs v3 with SEIPDv1, v6 with v2
                 cipher, session = _session_key(pkesk, mine.key)
+                if cipher is not None:
+                    inner = _open_seipd_v1(envelope.body, cipher, session)
+                else:
+                    inner = _open_seipd_v2(envelope.body, session)
             except _Unsupported:
                 unsupported = True
                 continue
             except _NoSessionKey:
                 failed.append(mine.key.fingerprint)
                 continue
-            inner = _open_seipd_v1(envelope.body, cipher, session)
             return self._unwrapped(inner, mine.key.fingerprint, envelope, lookup, limit)
         if unsupported:
             return None

@@ -2,7 +2,7 @@
 
 Written independently of localproxy's own packet code on purpose, so the tests do
 not share its bugs. Only what the tests need: new-format packets, v4 Cv25519 ECDH
-recipients, SEIPDv1 (with MDC) and SED (without) encryption.
+recipients, SEIPDv1 (with MDC), SEIPDv2 (OCB, v6 PKESK) and SED (without) encryption.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import os
 import zlib
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 try:
@@ -112,8 +115,14 @@ def cv25519_recipient(cert: bytes) -> Recipient:
     raise ValueError("no Cv25519 encryption key in certificate")
 
 
-def pkesk(recipient: Recipient, session: bytes, cipher: int = 9, anonymous: bool = False) -> bytes:
-    """A v3 PKESK packet wrapping session for recipient (RFC 6637)."""
+def pkesk(
+    recipient: Recipient,
+    session: bytes,
+    cipher: int = 9,
+    anonymous: bool = False,
+    version: int = 3,
+) -> bytes:
+    """A v3 (or v6, RFC 9580 5.1.2) PKESK packet wrapping session for recipient (RFC 6637)."""
     ephemeral = x25519.X25519PrivateKey.generate()
     shared = ephemeral.exchange(x25519.X25519PublicKey.from_public_bytes(recipient.point[1:]))
     params = (
@@ -127,19 +136,18 @@ def pkesk(recipient: Recipient, session: bytes, cipher: int = 9, anonymous: bool
     hash_name = {8: "sha256", 9: "sha384", 10: "sha512"}[recipient.kdf[2]]
     kek_size = {7: 16, 8: 24, 9: 32}[recipient.kdf[3]]
     kek = hashlib.new(hash_name, b"\0\0\0\1" + shared + params).digest()[:kek_size]
-    message = bytes([cipher]) + session + (sum(session) & 0xFFFF).to_bytes(2, "big")
+    message = session + (sum(session) & 0xFFFF).to_bytes(2, "big")
+    if version == 3:  # a v6 PKESK leaves the cipher to the SEIPDv2 packet
+        message = bytes([cipher]) + message
     pad = 8 - len(message) % 8
     wrapped = aes_key_wrap(kek, message + bytes([pad]) * pad)
     point = b"\x40" + ephemeral.public_key().public_bytes_raw()
-    body = (
-        b"\x03"
-        + (bytes(8) if anonymous else recipient.key_id)
-        + b"\x12"
-        + (263).to_bytes(2, "big")
-        + point
-        + bytes([len(wrapped)])
-        + wrapped
-    )
+    if version == 6:
+        names = b"" if anonymous else b"\x04" + recipient.fingerprint
+        head = b"\x06" + bytes([len(names)]) + names
+    else:
+        head = b"\x03" + (bytes(8) if anonymous else recipient.key_id)
+    body = head + b"\x12" + (263).to_bytes(2, "big") + point + bytes([len(wrapped)]) + wrapped
     return packet(1, body)
 
 
@@ -154,6 +162,21 @@ def seipd(session: bytes, inner: bytes, mdc: bytes | None = None) -> bytes:
     plain = prefix + prefix[-2:] + inner + b"\xd3\x14"
     plain += mdc if mdc is not None else hashlib.sha1(plain).digest()
     return packet(18, b"\x01" + _cfb(session, bytes(16), plain))
+
+
+def seipd_v2(session: bytes, inner: bytes, chunk_octet: int = 0) -> bytes:
+    """A SEIPDv2 packet, AES-256 OCB, chunks of 2 ** (chunk_octet + 6) octets."""
+    header = bytes([0xD2, 2, 9, 2, chunk_octet])
+    salt = os.urandom(32)
+    derived = HKDF(hashes.SHA256(), 32 + 15 - 8, salt, header).derive(session)
+    ocb, iv = AESOCB3(derived[:32]), derived[32:]
+    size, sealed = 1 << (chunk_octet + 6), []
+    pieces = [inner[i : i + size] for i in range(0, len(inner), size)]
+    for index, piece in enumerate(pieces):
+        sealed.append(ocb.encrypt(iv + index.to_bytes(8, "big"), piece, header))
+    final = header + len(inner).to_bytes(8, "big")
+    sealed.append(ocb.encrypt(iv + len(pieces).to_bytes(8, "big"), b"", final))
+    return packet(18, header[1:] + salt + b"".join(sealed))
 
 
 def sed(session: bytes, inner: bytes) -> bytes:
@@ -175,6 +198,13 @@ def encrypt_raw(
     session = os.urandom(32)
     head = pkesk(cv25519_recipient(cert), session, anonymous=anonymous)
     return head + (seipd(session, inner, mdc) if integrity else sed(session, inner))
+
+
+def encrypt_raw_v2(cert: bytes, inner: bytes, chunk_octet: int = 0) -> bytes:
+    """The same as RFC 9580 v2 encryption: a v6 PKESK and a SEIPDv2 packet."""
+    session = os.urandom(32)
+    head = pkesk(cv25519_recipient(cert), session, version=6)
+    return head + seipd_v2(session, inner, chunk_octet)
 
 
 def inline_signed(data: bytes, signature: bytes) -> bytes:

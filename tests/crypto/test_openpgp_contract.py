@@ -45,6 +45,7 @@ from tests.crypto import (
     bomb,
     compressed,
     encrypt_raw,
+    encrypt_raw_v2,
     features,
     inline_signed,
     join,
@@ -676,10 +677,69 @@ def test_seipd_v2_message_from_a_sequoia_sender(engine: OpenPGPEngine) -> None:
         engine.decrypt(V2_MESSAGE, [V2_KEY], max_output=4)
 
 
-def test_seipd_v2_is_not_decrypted_within_an_inline_budget(engine: OpenPGPEngine) -> None:
-    # Sequoia decompresses without a bound: not on an event loop, whatever the size.
+@pytest.mark.parametrize("chunk_octet", [0, 1, 6])
+def test_seipd_v2_in_chunks(engine: OpenPGPEngine, bob: Party, chunk_octet: int) -> None:
+    text = bytes(range(256)) * 20  # 5 KB: 80, 40 or 2 chunks
+    message = encrypt_raw_v2(bob.public, literal(text), chunk_octet)
+    assert engine.decrypt(message, [bob.secret]).plaintext == text
+    with inline_only():  # decrypted in Python, with its bounds: fine on an event loop
+        assert engine.decrypt(message, [bob.secret]).plaintext == text
+
+
+def v2_parts(message: bytes) -> tuple[bytes, bytearray]:
+    """The PKESK packet and the SEIPDv2 body: version, cipher, AEAD, chunk size octet,
+    32 octets of salt, the chunks (each with its 16-octet tag), the final tag."""
+    (_, pkesk_body), (tag, body) = packets(message)
+    assert tag == 18 and body[0] == 2
+    return packet(1, pkesk_body), bytearray(body)
+
+
+# Offsets into the SEIPDv2 body of a 300-octet literal in 128-octet chunks.
+V2_SPOTS = {"chunk size": 3, "salt": 10, "first chunk": 40, "last chunk": -21, "final tag": -1}
+
+
+@pytest.mark.parametrize("spot", V2_SPOTS)
+def test_seipd_v2_tampered_releases_nothing(engine: OpenPGPEngine, bob: Party, spot: str) -> None:
+    pkesk, body = v2_parts(encrypt_raw_v2(bob.public, literal(b"y" * 300), chunk_octet=1))
+    body[V2_SPOTS[spot]] ^= 0x01
+    with pytest.raises(IntegrityError):
+        engine.decrypt(pkesk + packet(18, bytes(body)), [bob.secret])
+
+
+@pytest.mark.parametrize("cut", ["a chunk", "the final tag"])
+def test_seipd_v2_truncated_releases_nothing(engine: OpenPGPEngine, bob: Party, cut: str) -> None:
+    # 64-octet chunks; the final tag covers the length, so a dropped chunk shows.
+    pkesk, body = v2_parts(encrypt_raw_v2(bob.public, literal(b"z" * 250), chunk_octet=0))
+    start, end = (-16 - 80, -16) if cut == "a chunk" else (-16, len(body))
+    del body[start:end]
+    with pytest.raises(IntegrityError):
+        engine.decrypt(pkesk + packet(18, bytes(body)), [bob.secret])
+
+
+@pytest.mark.parametrize("algo", [2, 3])
+def test_seipd_v2_compression_bomb_is_capped(
+    engine: OpenPGPEngine, bob: Party, bombs: dict[int, bytes], algo: int
+) -> None:
+    message = encrypt_raw_v2(bob.public, bombs[algo], chunk_octet=16)
+    tracemalloc.start()
+    try:
+        with pytest.raises(OutputTooLarge):
+            engine.decrypt(message, [bob.secret], max_output=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, "a real bound, not decompress-then-check"
+
+
+def test_a_message_only_sequoia_reads_is_not_decrypted_within_an_inline_budget(
+    engine: OpenPGPEngine, bob: Party
+) -> None:
+    # GnuPG's own OCB packet (tag 20): Sequoia decompresses without a bound, so it is
+    # not done on an event loop, whatever the size.
+    ((_, pkesk_body), _seipd) = packets(encrypt_raw(bob.public, literal(b"x")))
+    aead = packet(1, pkesk_body) + packet(20, b"\x01\x09\x02\x06" + bytes(16 + 40))
     with inline_only(), pytest.raises(NeedsWorker):
-        engine.decrypt(V2_MESSAGE, [V2_KEY], [V2_SENDER])
+        engine.decrypt(aead, [bob.secret])
 
 
 # --------------------------------------------------------------------------- hostile input
