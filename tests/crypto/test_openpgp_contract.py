@@ -773,10 +773,12 @@ HOSTILE = [
 
 @dataclass(frozen=True)
 class Samples:
-    """Real data to combine with hostile data: a message and a signature for bob."""
+    """Real data to combine with hostile data: a message (SEIPDv1, and SEIPDv2 in
+    three chunks) and a signature for bob."""
 
     message: bytes
     signature: bytes
+    message_v2: bytes
 
 
 @pytest.fixture(scope="module")
@@ -784,6 +786,7 @@ def samples(engine: OpenPGPEngine, bob: Party) -> Samples:
     return Samples(
         engine.encrypt(MESSAGE, [bob.public], armor=False),
         engine.sign_detached(MESSAGE, bob.secret, armor=False),
+        encrypt_raw_v2(bob.public, compressed(literal(MESSAGE * 4)), chunk_octet=0),
     )
 
 
@@ -895,6 +898,23 @@ def test_modified_messages_never_yield_other_plaintext(
     except CryptoError:
         return
     assert result.plaintext == MESSAGE
+
+
+@FUZZ
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3)
+)
+def test_modified_v2_messages_never_yield_other_plaintext(
+    engine: OpenPGPEngine, bob: Party, samples: Samples, flips: list[tuple[int, int]]
+) -> None:
+    message = bytearray(samples.message_v2)
+    for position, mask in flips:
+        message[position % len(message)] ^= mask
+    try:
+        result = engine.decrypt(bytes(message), [bob.secret], max_output=1 << 20)
+    except CryptoError:
+        return
+    assert result.plaintext == MESSAGE * 4
 
 
 @pytest.fixture(scope="module")
