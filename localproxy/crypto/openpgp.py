@@ -1142,11 +1142,10 @@ def _decompress(body: bytes, limit: int | None) -> bytes:
         raise MalformedData("empty compressed data packet")
     algo, data = body[0], body[1:]
     cap = 0 if limit is None else limit + _SLACK + 1
-    over: Exception = _too_large(limit)
     budget = _INLINE_BUDGET.get()
+    inline = False  # the event loop's budget, tighter than the caller's limit, applies
     if budget is not None and (not cap or budget + _SLACK + 1 < cap):
-        cap = budget + _SLACK + 1
-        over = NeedsWorker(f"the compressed plaintext exceeds {budget} octets")
+        cap, inline = budget + _SLACK + 1, True
     try:
         if algo == 0:
             out = data
@@ -1159,7 +1158,9 @@ def _decompress(body: bytes, limit: int | None) -> bytes:
     except (zlib.error, OSError, EOFError, ValueError) as exc:
         raise MalformedData(f"compressed data is corrupt ({exc})") from None
     if cap and len(out) >= cap:
-        raise over
+        if inline:
+            raise NeedsWorker(f"the compressed plaintext exceeds {budget} octets")
+        raise _too_large(limit)
     return out
 
 
